@@ -120,6 +120,7 @@ class Scenario:
         self.gen = torch.Generator().manual_seed(seed)
         self.cache = make_cache(d, dtype=dtype, state_dtype=state_dtype, device=device,
                                 strided=strided)
+        assert num_active < d.S, "a scenario needs untouched slots to check"
         pool = list(range(d.S))
         self.rng.shuffle(pool)
         self.active, self.untouched = sorted(pool[:num_active]), sorted(pool[num_active:])

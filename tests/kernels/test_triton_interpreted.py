@@ -1,0 +1,84 @@
+"""Triton backend vs the float64 recurrence (and so vs the torch backend), small shapes.
+
+On a machine without a GPU these run under TRITON_INTERPRET=1 (set by tests/conftest.py) in fp32
+and fp16 (the interpreter's bf16 is broken); on a GPU they run compiled. Shapes stay small so the
+interpreted suite takes seconds, not minutes.
+"""
+
+import os
+
+import pytest
+import torch
+
+from vllm_kvbuffer.kernels import allocate_cache, decode, prefill, reset_slots, verify
+
+from .scenario import Dims, Scenario, rel_err
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu" and os.environ.get("TRITON_INTERPRET") != "1":
+    pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 (set by tests/conftest.py)",
+                allow_module_level=True)
+
+# (output tol, state tol) per input dtype: fp32 arithmetic everywhere; fp16 outputs are rounded.
+TOL = {torch.float32: (2e-5, 2e-5), torch.float16: (2e-3, 2e-5)}
+
+DIMS = [
+    Dims(H=1, HV=2, K=8, V=4, C=4, D=2, S=7),        # HV/H = 2
+    Dims(H=2, HV=2, K=12, V=40, C=8, D=3, S=6),      # HV/H = 1, K != V, two V tiles
+    Dims(H=2, HV=4, K=5, V=7, C=16, D=5, S=9),       # odd sizes, C=16
+    Dims(H=1, HV=1, K=16, V=16, C=1, D=1, S=6),      # flush on every token
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("d", DIMS, ids=lambda d: f"H{d.H}-HV{d.HV}-K{d.K}-V{d.V}-C{d.C}-D{d.D}")
+def test_triton_random_interleavings(d, dtype):
+    tol_o, tol_s = TOL[dtype]
+    sc = Scenario(d, backend="triton", dtype=dtype, state_dtype=torch.float32, device=DEVICE,
+                  strided=d.C == 8, seed=11 * d.C + d.V)
+    sc.run(steps=12, tol_out=tol_o, tol_state=tol_s, min_tokens_per_slot=2 * d.C + 2)
+    assert min(sc.processed.values()) >= 2 * d.C
+
+
+def test_triton_matches_torch_backend_bitwise_cursor():
+    """Same inputs through both backends: same cursors, outputs within fp32 rounding."""
+    d = dict(num_k_heads=2, num_v_heads=4, head_k_dim=8, head_v_dim=8, chunk_size=4,
+             max_draft_tokens=3)
+    caches = {b: allocate_cache(6, **d, device=DEVICE) for b in ("torch", "triton")}
+    slots = torch.tensor([5, 0, 3], dtype=torch.int32, device=DEVICE)
+    gen = torch.Generator().manual_seed(5)
+
+    def rnd(*s):
+        return torch.randn(*s, generator=gen).to(DEVICE)
+
+    for c in caches.values():
+        reset_slots(c, slots)
+    T = 10
+    ins = (rnd(T, 2, 8), rnd(T, 2, 8), rnd(T, 4, 8), -rnd(T, 4).abs() * 0.3,
+           torch.rand(T, 4, generator=gen).to(DEVICE))
+    cu = torch.tensor([0, 6, 6, 10], dtype=torch.int32, device=DEVICE)
+    outs = {b: prefill(c, slots, *ins, cu, backend=b) for b, c in caches.items()}
+    assert rel_err(outs["triton"], outs["torch"]) < 2e-5
+    for step in range(9):
+        ins = (rnd(3, 2, 8), rnd(3, 2, 8), rnd(3, 4, 8), -rnd(3, 4).abs() * 0.3,
+               torch.rand(3, 4, generator=gen).to(DEVICE))
+        outs = {b: decode(c, slots, *ins, backend=b) for b, c in caches.items()}
+        assert rel_err(outs["triton"], outs["torch"]) < 2e-5
+        assert torch.equal(caches["triton"].meta, caches["torch"].meta)
+    ins = (rnd(3, 4, 2, 8), rnd(3, 4, 2, 8), rnd(3, 4, 4, 8), -rnd(3, 4, 4).abs() * 0.3,
+           torch.rand(3, 4, 4, generator=gen).to(DEVICE))
+    outs = {b: verify(c, slots, *ins, backend=b) for b, c in caches.items()}
+    assert rel_err(outs["triton"], outs["torch"]) < 2e-5
+    assert torch.equal(caches["triton"].meta, caches["torch"].meta)
+
+
+def test_triton_rejects_non_unit_inner_stride():
+    c = allocate_cache(2, num_k_heads=1, num_v_heads=1, head_k_dim=4, head_v_dim=4,
+                       device=DEVICE)
+    reset_slots(c, torch.tensor([0], dtype=torch.int32, device=DEVICE))
+    q = torch.randn(1, 1, 8, device=DEVICE)[..., ::2]
+    with pytest.raises(ValueError, match=r"input 0: expected unit stride in the last dim"):
+        decode(c, torch.tensor([0], dtype=torch.int32, device=DEVICE), q,
+               torch.randn(1, 1, 4, device=DEVICE), torch.randn(1, 1, 4, device=DEVICE),
+               -torch.rand(1, 1, device=DEVICE), torch.rand(1, 1, device=DEVICE),
+               backend="triton")
