@@ -31,6 +31,10 @@ from .cache import META_HAS_STATE, META_LEN, META_PENDING, KVBufferCache
 
 _MODE_DECODE, _MODE_VERIFY, _MODE_ACCEPT = 0, 1, 2
 _HIST_BLOCK = 16          # history rows per inner iteration (tl.dot needs >= 16)
+# fp32 matrix products inside the kernels. "tf32x3" (three TF32 tensor-core products, error
+# about that of fp32 FMA) keeps register use low; plain "ieee" FMA dots hold whole K-strips per
+# thread and spill. The interpreter computes every dot in exact fp32 regardless.
+DOT_PREC = tl.constexpr("tf32x3")
 _L2_EPS = 1e-6
 
 
@@ -38,12 +42,24 @@ def _pow2(x: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(x))
 
 
-def launch_config(cache: KVBufferCache) -> dict:
-    """Fixed per-shape launch parameters (no runtime autotune for kernels that write state)."""
+# Benchmarks and the tuning script may pin launch parameters here, per kernel kind:
+# {"decode": {"BV": .., "num_warps": .., "BLO": ..}, "block": {...}, "flush": {...}}.
+CONFIG_OVERRIDE: dict = {}
+
+
+def launch_config(cache: KVBufferCache, kind: str = "decode") -> dict:
+    """Fixed per-shape launch parameters (no runtime autotune for kernels that write state).
+
+    Chosen from register use on sm_90 (ptxas): the decode kernel holds one ``[BV, BK]`` fp32
+    state tile per program; BV=16 with 4 warps stays near 128 registers without spills at
+    K=V=128, leaving room for several resident programs per SM (the kernel is memory-bound).
+    """
     K, V = cache.head_k_dim, cache.head_v_dim
     BK = _pow2(K)
-    BV = min(_pow2(V), 32 if BK <= 128 else 16)
-    return dict(BK=BK, BV=BV, num_warps=4 if BK * BV <= 4096 else 8)
+    BV = min(_pow2(V), 16 if BK >= 128 else 32)
+    cfg = dict(BK=BK, BV=BV, num_warps=4, BLO=4)
+    cfg.update(CONFIG_OVERRIDE.get(kind, {}))
+    return cfg
 
 
 # ------------------------------------------------------------------------------------------------
@@ -75,7 +91,8 @@ def _decode_kernel(
     sbk_s, sbk_j, sbk_h, sbu_s, sbu_j, sbu_h, sbg_s, sbg_j, sm_s,
     scale,
     K: tl.constexpr, V: tl.constexpr, GROUP: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BLH: tl.constexpr, USE_L2: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BLH: tl.constexpr, BLO: tl.constexpr,
+    USE_L2: tl.constexpr,
 ):
     n = tl.program_id(0)
     h = tl.program_id(1)
@@ -120,9 +137,8 @@ def _decode_kernel(
     # the rank-L update sum_j exp(G - G_j) u_j k_j^T of the new state tile.
     acc_k = tl.zeros([BV], dtype=tl.float32)
     acc_q = tl.zeros([BV], dtype=tl.float32)
-    upd = tl.zeros([BV, BK], dtype=tl.float32)
-    for j0 in range(0, L, BLH):
-        offs_j = j0 + tl.arange(0, BLH)
+    for j0 in range(0, L, BLO):
+        offs_j = j0 + tl.arange(0, BLO)
         mj = offs_j < L
         kh = tl.load(bk_ptr + slot * sbk_s + offs_j[:, None] * sbk_j + hk * sbk_h
                      + offs_k[None, :], mask=mj[:, None] & mk[None, :], other=0.0)
@@ -135,8 +151,6 @@ def _decode_kernel(
         wq = w * tl.sum(kh * q[None, :], axis=1)
         acc_k += tl.sum(wk[:, None] * hu, axis=0)
         acc_q += tl.sum(wq[:, None] * hu, axis=0)
-        if do_flush:
-            upd += tl.dot(tl.trans(hu * w[:, None]), kh, input_precision="ieee")
 
     r_k = tl.sum(S0 * k[None, :], axis=1)
     r_q = tl.sum(S0 * q[None, :], axis=1)
@@ -151,7 +165,18 @@ def _decode_kernel(
         if h % GROUP == 0:
             tl.store(bk_ptr + slot * sbk_s + L * sbk_j + hk * sbk_h + offs_k, k_raw, mask=mk)
     if do_flush:
-        S_new = eG * S0 + upd + u[:, None] * k[None, :]
+        # S_C = exp(G) S0 + sum_j exp(G - G_j) u_j k_j^T + u k^T. S0 is still in registers; the
+        # history rows are re-read one at a time (L2-resident, C-1 small rows) rather than kept
+        # live above: rank-1 FMA updates keep register use at one state tile.
+        S_new = eG * S0 + u[:, None] * k[None, :]
+        for j in range(0, L):
+            kj = tl.load(bk_ptr + slot * sbk_s + j * sbk_j + hk * sbk_h + offs_k, mask=mk,
+                         other=0.0).to(tl.float32)
+            kj = _l2norm_vec(kj, USE_L2)
+            wj = tl.exp(G - tl.load(bg_base + j * sbg_j))
+            uj = tl.load(bu_ptr + slot * sbu_s + j * sbu_j + h * sbu_h + offs_v, mask=mv,
+                         other=0.0)
+            S_new += (wj * uj)[:, None] * kj[None, :]
         tl.store(s_ptrs, S_new.to(state_ptr.dtype.element_ty), mask=ms)
 
 
@@ -233,8 +258,8 @@ def _block_kernel(
         G = G_base + tl.cumsum(gt, axis=0)                                       # [BT]
         eG = tl.exp(G)
 
-        r_k = tl.dot(kt, tl.trans(S), input_precision="ieee")                   # [BT, BV]
-        r_q = tl.dot(qt, tl.trans(S), input_precision="ieee")
+        r_k = tl.dot(kt, tl.trans(S), input_precision=DOT_PREC)                   # [BT, BV]
+        r_q = tl.dot(qt, tl.trans(S), input_precision=DOT_PREC)
         acc_k = tl.zeros([BT, BV], dtype=tl.float32)
         acc_q = tl.zeros([BT, BV], dtype=tl.float32)
         upd = tl.zeros([BV, BK], dtype=tl.float32)
@@ -253,18 +278,19 @@ def _block_kernel(
             hu = tl.load(bu_ptr + slot * sbu_s + offs_j[:, None] * sbu_j + h * sbu_h
                          + offs_v[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
             dec = tl.where(mj[None, :], tl.exp(G[:, None] - Gj[None, :]), 0.0)   # [BT, BLH]
-            kk = tl.dot(kt, tl.trans(kh), input_precision="ieee") * dec
-            qk = tl.dot(qt, tl.trans(kh), input_precision="ieee") * dec
-            acc_k += tl.dot(kk, hu, input_precision="ieee")
-            acc_q += tl.dot(qk, hu, input_precision="ieee")
-            if will_flush:
-                wj = tl.where(mj, tl.exp(G_end - Gj), 0.0)
-                upd += tl.dot(tl.trans(hu * wj[:, None]), kh, input_precision="ieee")
+            kk = tl.dot(kt, tl.trans(kh), input_precision=DOT_PREC) * dec
+            qk = tl.dot(qt, tl.trans(kh), input_precision=DOT_PREC) * dec
+            acc_k += tl.dot(kk, hu, input_precision=DOT_PREC)
+            acc_q += tl.dot(qk, hu, input_precision=DOT_PREC)
+            if PREFILL:
+                if will_flush:
+                    wj = tl.where(mj, tl.exp(G_end - Gj), 0.0)
+                    upd += tl.dot(tl.trans(hu * wj[:, None]), kh, input_precision=DOT_PREC)
 
         rhs = bt[:, None] * (vt - eG[:, None] * r_k - acc_k)
         dec_b = tl.where(lower, tl.exp(G[:, None] - G[None, :]), 0.0)            # [BT, BT]
         A = tl.where(strict, bt[:, None] * dec_b *
-                     tl.dot(kt, tl.trans(kt), input_precision="ieee"), 0.0)
+                     tl.dot(kt, tl.trans(kt), input_precision=DOT_PREC), 0.0)
         # Forward substitution: row t of U is final once rows < t are subtracted.
         U = rhs
         for t in range(0, cnt):
@@ -272,15 +298,15 @@ def _block_kernel(
             a_t = tl.sum(tl.where(offs_t[None, :] == t, A, 0.0), axis=1)        # [BT] (col t)
             U = U - a_t[:, None] * u_t[None, :]
         U = tl.where(mtv, U, 0.0)
-        qk_b = tl.dot(qt, tl.trans(kt), input_precision="ieee") * dec_b
-        o = eG[:, None] * r_q + acc_q + tl.dot(qk_b, U, input_precision="ieee")
+        qk_b = tl.dot(qt, tl.trans(kt), input_precision=DOT_PREC) * dec_b
+        o = eG[:, None] * r_q + acc_q + tl.dot(qk_b, U, input_precision=DOT_PREC)
         tl.store(o_ptr + rows[:, None] * so_t + h * so_h + offs_v[None, :],
                  o.to(o_ptr.dtype.element_ty), mask=mtv)
 
         if will_flush:
             w_new = tl.where(mt, tl.exp(G_end - G), 0.0)
             S = tl.exp(G_end) * S + upd + tl.dot(tl.trans(U * w_new[:, None]), kt,
-                                                 input_precision="ieee")
+                                                 input_precision=DOT_PREC)
             flushed = 1
             L = 0
             G_base = 0.0
@@ -352,7 +378,7 @@ def _accept_flush_kernel(
         hu = tl.load(bu_ptr + slot * sbu_s + offs_j[:, None] * sbu_j + h * sbu_h
                      + offs_v[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
         wj = tl.where(mj, tl.exp(G_end - Gj), 0.0)
-        S += tl.dot(tl.trans(hu * wj[:, None]), kh, input_precision="ieee")
+        S += tl.dot(tl.trans(hu * wj[:, None]), kh, input_precision=DOT_PREC)
     tl.store(s_ptrs, S.to(state_ptr.dtype.element_ty), mask=ms)
 
 
@@ -464,7 +490,7 @@ def decode(cache, slots, q, k, v, g, beta, *, scale, use_qk_l2norm):
     if N == 0:
         return o
     _check_inner_contiguous(cache, q, k, v)
-    cfg = launch_config(cache)
+    cfg = launch_config(cache, "decode")
     slots = _slots_i32(slots)
     HV, V = cache.num_v_heads, cache.head_v_dim
     grid = (N, HV, triton.cdiv(V, cfg["BV"]))
@@ -475,8 +501,8 @@ def decode(cache, slots, q, k, v, g, beta, *, scale, use_qk_l2norm):
         g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), o.stride(0), o.stride(1),
         *_cache_strides(cache), scale,
         K=cache.head_k_dim, V=V, GROUP=HV // cache.num_k_heads, C=cache.chunk_size,
-        BK=cfg["BK"], BV=cfg["BV"], BLH=_HIST_BLOCK, USE_L2=use_qk_l2norm,
-        num_warps=cfg["num_warps"],
+        BK=cfg["BK"], BV=cfg["BV"], BLH=_HIST_BLOCK, BLO=cfg["BLO"],
+        USE_L2=use_qk_l2norm, num_warps=cfg["num_warps"],
     )
     _commit(cache, slots, _MODE_DECODE, add_const=1)
     return o
@@ -485,7 +511,7 @@ def decode(cache, slots, q, k, v, g, beta, *, scale, use_qk_l2norm):
 def _run_block(cache, slots, cu, q, k, v, g, beta, o, *, scale, use_qk_l2norm, prefill, BT,
                g_stage=None):
     N = slots.shape[0]
-    cfg = launch_config(cache)
+    cfg = launch_config(cache, "block")
     HV, V = cache.num_v_heads, cache.head_v_dim
     grid = (N, HV, triton.cdiv(V, cfg["BV"]))
     _block_kernel[grid](
@@ -522,7 +548,7 @@ def accept(cache, slots, num_accepted, *, use_qk_l2norm):
         return
     slots = _slots_i32(slots)
     acc = num_accepted.to(torch.int32).contiguous()
-    cfg = launch_config(cache)
+    cfg = launch_config(cache, "flush")
     HV, V = cache.num_v_heads, cache.head_v_dim
     grid = (N, HV, triton.cdiv(V, cfg["BV"]))
     _accept_flush_kernel[grid](

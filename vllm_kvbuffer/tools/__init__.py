@@ -1,0 +1,1 @@
+"""Developer tools: tiny offline checkpoints and project-local cache settings."""
