@@ -20,10 +20,13 @@ def test_all_kernels_compile_for_sm90_and_decode_does_not_spill():
     failed = [r for r in rows if not r["ok"]]
     assert not failed, failed
     names = {r["kernel"] for r in rows}
-    assert {"decode[fp32]", "decode[bf16]", "prefill[fp32]", "verify[fp32]",
-            "accept_flush[fp32]", "prefill_commit"} <= names
+    for prefix in ("decode[fp32", "decode[bf16", "prefill[fp32,C=16]", "prefill[fp32,C=64]",
+                   "verify[fp32", "accept_flush[fp32", "prefill_commit"):
+        assert any(n.startswith(prefix) for n in names), (prefix, names)
+    assert all(r["shared"] <= 232448 for r in rows), [r for r in rows if r["shared"] > 232448]
     for r in rows:
         if r["kernel"].startswith("decode"):
             assert r["stack"] == 0, r
-            assert r["regs"] <= 168, r       # leaves >= 3 resident 4-warp programs per SM
+        if r["kernel"].startswith("decode") and "flush_dot=False" in r["kernel"]:
+            assert r["regs"] <= 128, r       # default config: >= 2 resident 8-warp programs / SM
     assert proc.returncode == 0, proc.stderr[-2000:]

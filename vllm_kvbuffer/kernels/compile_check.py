@@ -23,6 +23,9 @@ PTR_TYPES = {"q_ptr": "*bf16", "k_ptr": "*bf16", "v_ptr": "*bf16", "o_ptr": "*bf
              "acc_ptr": "*i32", "add_ptr": "*i32"}
 
 
+SHARED_LIMIT = 232448   # bytes of shared memory one program may use on sm_90
+
+
 def _signature(fn, ptrs: dict, const: dict) -> dict:
     sig = {}
     for name in inspect.signature(fn.fn).parameters:
@@ -35,7 +38,7 @@ def _signature(fn, ptrs: dict, const: dict) -> dict:
     return sig
 
 
-def variants(H=16, HV=32, K=128, V=128, C=16, D=4):
+def variants(H=16, HV=32, K=128, V=128, C=16, D=4):  # noqa: C901
     """(name, kernel, pointer types, constexprs, num_warps) for the default launch configs."""
     from . import triton_impl as ti
     from .cache import allocate_cache
@@ -49,24 +52,33 @@ def variants(H=16, HV=32, K=128, V=128, C=16, D=4):
                                                            "bf16": "bfloat16"}[sdt]),
                                device="meta")
         ptrs = dict(PTR_TYPES, state_ptr=tname)
-        d = ti.launch_config(cache, "decode")
-        out.append((f"decode[{sdt}]", ti._decode_kernel, ptrs,
-                    dict(K=K, V=V, GROUP=HV // H, C=C, BK=d["BK"], BV=d["BV"],
-                         BLH=ti._HIST_BLOCK, BLO=d["BLO"], USE_L2=True), d["num_warps"]))
+        for batch in (1, 256):
+            d = ti.launch_config(cache, "decode", batch=batch)
+            nv = -(-V // d["BV"])
+            tiles = -(-nv // min(d["splits"], nv))
+            for flush_dot in (False, True):
+                out.append((f"decode[{sdt},tiles={tiles},flush_dot={flush_dot}]",
+                            ti._decode_kernel, ptrs,
+                            dict(K=K, V=V, GROUP=HV // H, C=C, BK=d["BK"], BV=d["BV"],
+                                 BL=ti._pow2(C + D), TILES=tiles, USE_L2=True,
+                                 FLUSH_DOT=flush_dot), d["num_warps"], d["num_stages"]))
         b = ti.launch_config(cache, "block")
-        for prefill, BT in ((True, ti._pow2(C)), (False, ti._pow2(D + 1))):
-            out.append((f"{'prefill' if prefill else 'verify'}[{sdt}]", ti._block_kernel, ptrs,
-                        dict(K=K, V=V, HV=HV, GROUP=HV // H, C=C, BT=BT, BK=b["BK"],
+        for prefill, CC, BT in ((True, C, ti._pow2(C)), (True, 64, 64),
+                                (False, C, ti._pow2(D + 1))):
+            out.append((f"{'prefill' if prefill else 'verify'}[{sdt},C={CC}]", ti._block_kernel,
+                        ptrs,
+                        dict(K=K, V=V, HV=HV, GROUP=HV // H, C=CC, BT=BT, BK=b["BK"],
                              BV=b["BV"], BLH=ti._HIST_BLOCK, USE_L2=True, PREFILL=prefill),
-                        b["num_warps"]))
+                        b["num_warps"], 3))
         f = ti.launch_config(cache, "flush")
         out.append((f"accept_flush[{sdt}]", ti._accept_flush_kernel, ptrs,
                     dict(K=K, V=V, GROUP=HV // H, C=C, BK=f["BK"], BV=f["BV"],
-                         BLH=ti._HIST_BLOCK, USE_L2=True), f["num_warps"]))
+                         BLH=ti._HIST_BLOCK, USE_L2=True), f["num_warps"], 3))
     for mode in (0, 1, 2):
-        out.append((f"commit[mode={mode}]", ti._commit_kernel, PTR_TYPES, dict(C=C, MODE=mode), 1))
+        out.append((f"commit[mode={mode}]", ti._commit_kernel, PTR_TYPES, dict(C=C, MODE=mode),
+                    1, 3))
     out.append(("prefill_commit", ti._prefill_commit_kernel, PTR_TYPES,
-                dict(H=H, K=K, HV=HV, C=C, BH=H, BK=K, BHV=HV), 4))
+                dict(H=H, K=K, HV=HV, C=C, BH=H, BK=K, BHV=HV), 4, 3))
     return out
 
 
@@ -80,19 +92,20 @@ def compile_all(arch: int = 90) -> list[dict]:
     cuobjdump = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
     target = GPUTarget("cuda", arch, 32)
     rows = []
-    for name, fn, ptrs, const, nw in variants():
-        row = {"kernel": name, "num_warps": nw}
+    for name, fn, ptrs, const, nw, ns in variants():
+        row = {"kernel": name, "num_warps": nw, "num_stages": ns}
         try:
             k = triton.compile(ASTSource(fn=fn, signature=_signature(fn, ptrs, const),
                                          constexprs=const),
-                               target=target, options={"num_warps": nw})
+                               target=target, options={"num_warps": nw, "num_stages": ns})
             with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
                 f.write(k.asm["cubin"])
                 f.flush()
                 usage = subprocess.run([str(cuobjdump), "--dump-resource-usage", f.name],
                                        capture_output=True, text=True, check=True).stdout
             m = re.search(r"REG:(\d+) STACK:(\d+)", usage)
-            row.update(ok=True, regs=int(m.group(1)), stack=int(m.group(2)))
+            row.update(ok=True, regs=int(m.group(1)), stack=int(m.group(2)),
+                       shared=int(k.metadata.shared))
         except Exception as e:  # noqa: BLE001
             row.update(ok=False, error=f"{type(e).__name__}: {str(e)[-2000:]}")
         rows.append(row)
@@ -110,8 +123,9 @@ def main() -> int:
     else:
         for r in rows:
             print(f"{r['kernel']:22s} warps={r['num_warps']} " +
-                  (f"regs={r['regs']} stack={r['stack']}" if r["ok"] else r["error"][:500]))
-    bad = [r for r in rows if not r["ok"] or (r["kernel"].startswith("decode") and r["stack"])]
+                  (f"regs={r['regs']} stack={r['stack']} shared={r['shared']}" if r["ok"] else r["error"][:500]))
+    bad = [r for r in rows if not r["ok"] or (r["kernel"].startswith("decode") and r["stack"])
+           or r["shared"] > SHARED_LIMIT]
     return 1 if bad else 0
 
 

@@ -47,17 +47,24 @@ def _pow2(x: int, lo: int = 16) -> int:
 CONFIG_OVERRIDE: dict = {}
 
 
-def launch_config(cache: KVBufferCache, kind: str = "decode") -> dict:
+def launch_config(cache: KVBufferCache, kind: str = "decode", batch: int | None = None) -> dict:
     """Fixed per-shape launch parameters (no runtime autotune for kernels that write state).
 
-    Chosen from register use on sm_90 (ptxas): the decode kernel holds one ``[BV, BK]`` fp32
-    state tile per program; BV=16 with 4 warps stays near 128 registers without spills at
-    K=V=128, leaving room for several resident programs per SM (the kernel is memory-bound).
+    decode: one program per (sequence, value head) streams the head's state in ``[BV, BK]``
+    tiles; at small batch the V tiles are split over ``splits`` programs to fill the GPU (the
+    choice depends on the batch *shape*, never on data, so it is CUDA-graph safe).
     """
     K, V = cache.head_k_dim, cache.head_v_dim
     BK = _pow2(K)
-    BV = min(_pow2(V), 16 if BK >= 128 else 32)
-    cfg = dict(BK=BK, BV=BV, num_warps=4, BLO=4)
+    if kind == "decode":
+        BV = min(_pow2(V), 16)
+        nv = -(-V // BV)
+        programs = (batch or 1) * cache.num_v_heads
+        cfg = dict(BK=BK, BV=BV, num_warps=8, num_stages=1, flush_dot=False,
+                   splits=nv if programs < 2048 else 1)
+    else:
+        BV = min(_pow2(V), 16 if BK >= 128 else 32)
+        cfg = dict(BK=BK, BV=BV, num_warps=4)
     cfg.update(CONFIG_OVERRIDE.get(kind, {}))
     return cfg
 
@@ -91,93 +98,131 @@ def _decode_kernel(
     sbk_s, sbk_j, sbk_h, sbu_s, sbu_j, sbu_h, sbg_s, sbg_j, sm_s,
     scale,
     K: tl.constexpr, V: tl.constexpr, GROUP: tl.constexpr, C: tl.constexpr,
-    BK: tl.constexpr, BV: tl.constexpr, BLH: tl.constexpr, BLO: tl.constexpr,
-    USE_L2: tl.constexpr,
+    BK: tl.constexpr, BV: tl.constexpr, BL: tl.constexpr, TILES: tl.constexpr,
+    USE_L2: tl.constexpr, FLUSH_DOT: tl.constexpr,
 ):
+    """Program (sequence n, value head h, V-split s) handles TILES V-tiles of BV rows.
+
+    The per-step work that does not depend on the V-tile (normalised q and k, the history
+    weights ``exp(G - G_j) (k . k_j)`` and ``exp(G - G_j) (q . k_j)``) is computed once, with all
+    history rows loaded in one shot; the loop then streams the state tiles, which Triton
+    software-pipelines. Dependent memory round trips per program: slot -> cursor -> everything.
+    """
     n = tl.program_id(0)
     h = tl.program_id(1)
-    iv = tl.program_id(2)
+    sp = tl.program_id(2)
     hk = h // GROUP
     offs_k = tl.arange(0, BK)
-    offs_v = iv * BV + tl.arange(0, BV)
+    offs_b = tl.arange(0, BV)
+    offs_j = tl.arange(0, BL)
     mk = offs_k < K
-    mv = offs_v < V
     slot = tl.load(slots_ptr + n)
-    o_ptrs = o_ptr + n * so_n + h * so_h + offs_v
     if slot < 0:
-        tl.store(o_ptrs, tl.zeros([BV], dtype=tl.float32).to(o_ptr.dtype.element_ty), mask=mv)
+        for t in range(TILES):
+            offs_v = (sp * TILES + t) * BV + offs_b
+            tl.store(o_ptr + n * so_n + h * so_h + offs_v,
+                     tl.zeros([BV], dtype=tl.float32).to(o_ptr.dtype.element_ty),
+                     mask=offs_v < V)
         return
     slot = tl.cast(slot, tl.int64)
     L = tl.load(meta_ptr + slot * sm_s + 0)
     has = tl.load(meta_ptr + slot * sm_s + 2)
+    # Columns of the state to read: all K if the slot has a state, none otherwise (a slot that
+    # never flushed reads no state: the short-context path).
+    mk_s = offs_k < tl.where(has != 0, K, 0)
+    mj = offs_j < L
+    s_base = state_ptr + slot * ss_s + h * ss_h
+    u_base = bu_ptr + slot * sbu_s + h * sbu_h
+
+    # Issue the first state tile (the step's big read) before anything that waits on it; each
+    # loop iteration below prefetches the next tile (manual double buffering).
+    offs_v = sp * TILES * BV + offs_b
+    mv = offs_v < V
+    S_cur = tl.load(s_base + offs_v[:, None] * ss_v + offs_k[None, :] * ss_k,
+                    mask=mv[:, None] & mk_s[None, :], other=0.0)
+    hu_cur = tl.load(u_base + offs_j[:, None] * sbu_j + offs_v[None, :],
+                     mask=mj[:, None] & mv[None, :], other=0.0)
 
     k_raw = tl.load(k_ptr + n * sk_n + hk * sk_h + offs_k, mask=mk, other=0.0)
     k = _l2norm_vec(k_raw.to(tl.float32), USE_L2)
     q = _l2norm_vec(tl.load(q_ptr + n * sq_n + hk * sq_h + offs_k, mask=mk, other=0.0)
                     .to(tl.float32), USE_L2) * scale
-    v = tl.load(v_ptr + n * sv_n + h * sv_h + offs_v, mask=mv, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + n * sg_n + h * sg_h).to(tl.float32)
     beta = tl.load(beta_ptr + n * sb_n + h * sb_h).to(tl.float32)
-
     bg_base = bg_ptr + slot * sbg_s + h
     G_prev = tl.load(bg_base + (L - 1) * sbg_j, mask=L > 0, other=0.0)
     G = G_prev + g
+    eG = tl.exp(G)
+    qk_self = tl.sum(q * k)
     do_flush = L + 1 == C
 
-    # The state tile is loaded first: the one large read of the step overlaps the history math.
-    eG = tl.exp(G)
-    s_ptrs = (state_ptr + slot * ss_s + h * ss_h + offs_v[:, None] * ss_v
-              + offs_k[None, :] * ss_k)
-    ms = mv[:, None] & mk[None, :]
-    S0 = tl.zeros([BV, BK], dtype=tl.float32)
-    if has != 0:
-        S0 = tl.load(s_ptrs, mask=ms, other=0.0).to(tl.float32)
+    # History weights for all buffered rows at once (rows >= L get zero weight): computed once
+    # per (sequence, head), shared by every V tile.
+    kh = tl.load(bk_ptr + slot * sbk_s + offs_j[:, None] * sbk_j + hk * sbk_h + offs_k[None, :],
+                 mask=mj[:, None] & mk[None, :], other=0.0)
+    kh = _l2norm_rows(kh.to(tl.float32), USE_L2)
+    Gj = tl.load(bg_base + offs_j * sbg_j, mask=mj, other=0.0)
+    w = tl.where(mj, tl.exp(G - Gj), 0.0)
+    wk = w * tl.sum(kh * k[None, :], axis=1)
+    wq = w * tl.sum(kh * q[None, :], axis=1)
 
-    # History: acc_k = sum_j exp(G - G_j)(k.k_j) u_j, acc_q likewise with q; on a flush step also
-    # the rank-L update sum_j exp(G - G_j) u_j k_j^T of the new state tile.
-    acc_k = tl.zeros([BV], dtype=tl.float32)
-    acc_q = tl.zeros([BV], dtype=tl.float32)
-    for j0 in range(0, L, BLO):
-        offs_j = j0 + tl.arange(0, BLO)
-        mj = offs_j < L
-        kh = tl.load(bk_ptr + slot * sbk_s + offs_j[:, None] * sbk_j + hk * sbk_h
-                     + offs_k[None, :], mask=mj[:, None] & mk[None, :], other=0.0)
-        kh = _l2norm_rows(kh.to(tl.float32), USE_L2)
-        Gj = tl.load(bg_base + offs_j * sbg_j, mask=mj, other=0.0)
-        w = tl.where(mj, tl.exp(G - Gj), 0.0)
-        hu = tl.load(bu_ptr + slot * sbu_s + offs_j[:, None] * sbu_j + h * sbu_h
-                     + offs_v[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
-        wk = w * tl.sum(kh * k[None, :], axis=1)
-        wq = w * tl.sum(kh * q[None, :], axis=1)
-        acc_k += tl.sum(wk[:, None] * hu, axis=0)
-        acc_q += tl.sum(wq[:, None] * hu, axis=0)
-
-    r_k = tl.sum(S0 * k[None, :], axis=1)
-    r_q = tl.sum(S0 * q[None, :], axis=1)
-    u = beta * (v - eG * r_k - acc_k)
-    o = eG * r_q + acc_q + tl.sum(q * k) * u
-    tl.store(o_ptrs, o.to(o_ptr.dtype.element_ty), mask=mv)
-
-    # Append (k, u, G) at row L. Row L is read by no program of this launch.
-    tl.store(bu_ptr + slot * sbu_s + L * sbu_j + h * sbu_h + offs_v, u, mask=mv)
-    if iv == 0:
+    for t in range(TILES):
+        offs_v = (sp * TILES + t) * BV + offs_b
+        mv = offs_v < V
+        ms = mv[:, None] & mk[None, :]
+        offs_n = offs_v + BV
+        mn = (offs_n < V) & (offs_n < (sp + 1) * TILES * BV)   # next tile is this program's
+        S_nxt = tl.load(s_base + offs_n[:, None] * ss_v + offs_k[None, :] * ss_k,
+                        mask=mn[:, None] & mk_s[None, :], other=0.0)
+        hu_nxt = tl.load(u_base + offs_j[:, None] * sbu_j + offs_n[None, :],
+                         mask=mj[:, None] & mn[None, :], other=0.0)
+        S0 = S_cur.to(tl.float32)
+        v = tl.load(v_ptr + n * sv_n + h * sv_h + offs_v, mask=mv, other=0.0).to(tl.float32)
+        r_k = tl.sum(S0 * k[None, :], axis=1)
+        r_q = tl.sum(S0 * q[None, :], axis=1)
+        u = beta * (v - eG * r_k - tl.sum(wk[:, None] * hu_cur, axis=0))
+        o = eG * r_q + tl.sum(wq[:, None] * hu_cur, axis=0) + qk_self * u
+        tl.store(o_ptr + n * so_n + h * so_h + offs_v, o.to(o_ptr.dtype.element_ty), mask=mv)
+        # Append u at row L (read by no other program of this launch).
+        tl.store(u_base + L * sbu_j + offs_v, u, mask=mv)
+        if FLUSH_DOT:
+            if do_flush:
+                # S_C = exp(G) S0 + sum_{j<L} exp(G - G_j) u_j k_j^T + u k^T, S0 still in registers.
+                S_new = eG * S0 + u[:, None] * k[None, :]
+                S_new += tl.dot(tl.trans(hu_cur * w[:, None]), kh, input_precision=DOT_PREC)
+                tl.store(s_base + offs_v[:, None] * ss_v + offs_k[None, :] * ss_k,
+                         S_new.to(state_ptr.dtype.element_ty), mask=ms)
+        S_cur = S_nxt
+        hu_cur = hu_nxt
+    if sp == 0:
         tl.store(bg_base + L * sbg_j, G)
         if h % GROUP == 0:
             tl.store(bk_ptr + slot * sbk_s + L * sbk_j + hk * sbk_h + offs_k, k_raw, mask=mk)
-    if do_flush:
-        # S_C = exp(G) S0 + sum_j exp(G - G_j) u_j k_j^T + u k^T. S0 is still in registers; the
-        # history rows are re-read one at a time (L2-resident, C-1 small rows) rather than kept
-        # live above: rank-1 FMA updates keep register use at one state tile.
-        S_new = eG * S0 + u[:, None] * k[None, :]
-        for j in range(0, L):
-            kj = tl.load(bk_ptr + slot * sbk_s + j * sbk_j + hk * sbk_h + offs_k, mask=mk,
-                         other=0.0).to(tl.float32)
-            kj = _l2norm_vec(kj, USE_L2)
-            wj = tl.exp(G - tl.load(bg_base + j * sbg_j))
-            uj = tl.load(bu_ptr + slot * sbu_s + j * sbu_j + h * sbu_h + offs_v, mask=mv,
-                         other=0.0)
-            S_new += (wj * uj)[:, None] * kj[None, :]
-        tl.store(s_ptrs, S_new.to(state_ptr.dtype.element_ty), mask=ms)
+    if not FLUSH_DOT:
+        if do_flush:
+            # Second pass over this program's tiles (flush steps only, 1 in C): rank-1 updates
+            # keep register use at one state tile; the tiles were just read and sit in L2.
+            tl.debug_barrier()
+            for t in range(TILES):
+                offs_v = (sp * TILES + t) * BV + offs_b
+                mv = offs_v < V
+                ms = mv[:, None] & mk[None, :]
+                s_ptrs = (state_ptr + slot * ss_s + h * ss_h + offs_v[:, None] * ss_v
+                          + offs_k[None, :] * ss_k)
+                S_new = eG * tl.load(s_ptrs, mask=mv[:, None] & mk_s[None, :],
+                                     other=0.0).to(tl.float32)
+                u = tl.load(bu_ptr + slot * sbu_s + L * sbu_j + h * sbu_h + offs_v, mask=mv,
+                            other=0.0)
+                S_new += u[:, None] * k[None, :]
+                for j in range(0, L):
+                    kj = tl.load(bk_ptr + slot * sbk_s + j * sbk_j + hk * sbk_h + offs_k,
+                                 mask=mk, other=0.0).to(tl.float32)
+                    kj = _l2norm_vec(kj, USE_L2)
+                    wj = tl.exp(G - tl.load(bg_base + j * sbg_j))
+                    uj = tl.load(bu_ptr + slot * sbu_s + j * sbu_j + h * sbu_h + offs_v,
+                                 mask=mv, other=0.0)
+                    S_new += (wj * uj)[:, None] * kj[None, :]
+                tl.store(s_ptrs, S_new.to(state_ptr.dtype.element_ty), mask=ms)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -490,19 +535,22 @@ def decode(cache, slots, q, k, v, g, beta, *, scale, use_qk_l2norm):
     if N == 0:
         return o
     _check_inner_contiguous(cache, q, k, v)
-    cfg = launch_config(cache, "decode")
+    cfg = launch_config(cache, "decode", batch=N)
     slots = _slots_i32(slots)
     HV, V = cache.num_v_heads, cache.head_v_dim
-    grid = (N, HV, triton.cdiv(V, cfg["BV"]))
-    _decode_kernel[grid](
+    nv = triton.cdiv(V, cfg["BV"])
+    splits = min(cfg["splits"], nv)
+    tiles = triton.cdiv(nv, splits)
+    _decode_kernel[(N, HV, triton.cdiv(nv, tiles))](
         q, k, v, g, beta, o, slots,
         cache.state, cache.buf_k, cache.buf_u, cache.buf_g, cache.meta,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         g.stride(0), g.stride(1), beta.stride(0), beta.stride(1), o.stride(0), o.stride(1),
         *_cache_strides(cache), scale,
         K=cache.head_k_dim, V=V, GROUP=HV // cache.num_k_heads, C=cache.chunk_size,
-        BK=cfg["BK"], BV=cfg["BV"], BLH=_HIST_BLOCK, BLO=cfg["BLO"],
-        USE_L2=use_qk_l2norm, num_warps=cfg["num_warps"],
+        BK=cfg["BK"], BV=cfg["BV"], BL=_pow2(cache.capacity), TILES=tiles,
+        USE_L2=use_qk_l2norm, FLUSH_DOT=cfg["flush_dot"], num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     _commit(cache, slots, _MODE_DECODE, add_const=1)
     return o
