@@ -1,25 +1,20 @@
-"""Test-session defaults: keep caches in the project, and make torch deterministic enough."""
+"""Test-session defaults: caches and temp files inside the project; Triton interpreted on CPU."""
 
 import os
 import pathlib
+import sys
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-_CACHE = ROOT / ".cache"
-for var, sub in (("VLLM_CACHE_ROOT", "vllm"), ("TRITON_CACHE_DIR", "triton"),
-                 ("TORCHINDUCTOR_CACHE_DIR", "inductor"), ("XDG_CACHE_HOME", "xdg"),
-                 ("HF_HOME", "hf"), ("TMPDIR", "tmp")):
-    if var not in os.environ:
-        os.environ[var] = str(_CACHE / sub)
-        (_CACHE / sub).mkdir(parents=True, exist_ok=True)
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from vllm_kvbuffer.tools.local_env import apply_local_env  # noqa: E402
+
+apply_local_env(ROOT)
 
 # Triton kernels run interpreted on machines without a GPU. The flag must be set before any
 # kernel is decorated, i.e. before vllm_kvbuffer.kernels.triton_impl is imported.
-try:
-    import torch
+import torch  # noqa: E402
 
-    _HAS_CUDA = torch.cuda.is_available()
-except ImportError:  # pragma: no cover
-    _HAS_CUDA = False
-if not _HAS_CUDA:
+if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -27,6 +27,4 @@ def test_all_kernels_compile_for_sm90_and_decode_does_not_spill():
     for r in rows:
         if r["kernel"].startswith("decode"):
             assert r["stack"] == 0, r
-        if r["kernel"].startswith("decode") and "flush_dot=False" in r["kernel"]:
-            assert r["regs"] <= 128, r       # default config: >= 2 resident 8-warp programs / SM
     assert proc.returncode == 0, proc.stderr[-2000:]
