@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .cache import META_HAS_STATE, META_LEN, META_PENDING, KVBufferCache
+from .cache import KVBufferCache
 
 _MODE_DECODE, _MODE_VERIFY, _MODE_ACCEPT = 0, 1, 2
 _HIST_BLOCK = 16          # history rows per inner iteration (tl.dot needs >= 16)
@@ -43,7 +43,7 @@ def _pow2(x: int, lo: int = 16) -> int:
 
 
 # Benchmarks and the tuning script may pin launch parameters here, per kernel kind:
-# {"decode": {"BV": .., "num_warps": .., "BLO": ..}, "block": {...}, "flush": {...}}.
+# {"decode": {"BV": .., "num_warps": .., "splits": .., "flush_dot": ..}, "block": {...}, ...}.
 CONFIG_OVERRIDE: dict = {}
 
 
@@ -86,6 +86,22 @@ def _l2norm_vec(x, USE_L2: tl.constexpr):
     if USE_L2:
         x = x * tl.rsqrt(tl.sum(x * x) + 1e-6)
     return x
+
+
+@triton.jit
+def _history_rows(k_base, u_base, g_base, s_kj, s_uj, s_gj, j0, L, offs_k, mk, offs_v, mv,
+                  BLH: tl.constexpr, USE_L2: tl.constexpr):
+    """Buffered rows ``j0 .. j0+BLH-1`` (those < L): normalised keys ``[BLH, BK]``, cumulative
+    decays ``[BLH]``, corrected values of the V tile ``[BLH, BV]`` and the row mask."""
+    offs_j = j0 + tl.arange(0, BLH)
+    mj = offs_j < L
+    kh = tl.load(k_base + offs_j[:, None] * s_kj + offs_k[None, :],
+                 mask=mj[:, None] & mk[None, :], other=0.0)
+    kh = _l2norm_rows(kh.to(tl.float32), USE_L2)
+    Gj = tl.load(g_base + offs_j * s_gj, mask=mj, other=0.0)
+    hu = tl.load(u_base + offs_j[:, None] * s_uj + offs_v[None, :],
+                 mask=mj[:, None] & mv[None, :], other=0.0)
+    return kh, Gj, hu, mj
 
 
 # ------------------------------------------------------------------------------------------------
@@ -316,14 +332,10 @@ def _block_kernel(
         else:
             will_flush = cnt < 0
         for j0 in range(0, L, BLH):
-            offs_j = j0 + tl.arange(0, BLH)
-            mj = offs_j < L
-            kh = tl.load(bk_ptr + slot * sbk_s + offs_j[:, None] * sbk_j + hk * sbk_h
-                         + offs_k[None, :], mask=mj[:, None] & mk[None, :], other=0.0)
-            kh = _l2norm_rows(kh.to(tl.float32), USE_L2)
-            Gj = tl.load(bg_base + offs_j * sbg_j, mask=mj, other=0.0)
-            hu = tl.load(bu_ptr + slot * sbu_s + offs_j[:, None] * sbu_j + h * sbu_h
-                         + offs_v[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
+            kh, Gj, hu, mj = _history_rows(bk_ptr + slot * sbk_s + hk * sbk_h,
+                                           bu_ptr + slot * sbu_s + h * sbu_h, bg_base, sbk_j,
+                                           sbu_j, sbg_j, j0, L, offs_k, mk, offs_v, mv, BLH,
+                                           USE_L2)
             dec = tl.where(mj[None, :], tl.exp(G[:, None] - Gj[None, :]), 0.0)   # [BT, BLH]
             kk = tl.dot(kt, tl.trans(kh), input_precision=DOT_PREC) * dec
             qk = tl.dot(qt, tl.trans(kh), input_precision=DOT_PREC) * dec
@@ -416,14 +428,9 @@ def _accept_flush_kernel(
         S = tl.load(s_ptrs, mask=ms, other=0.0).to(tl.float32)
     S = tl.exp(G_end) * S
     for j0 in range(0, Lc, BLH):
-        offs_j = j0 + tl.arange(0, BLH)
-        mj = offs_j < Lc
-        kh = tl.load(bk_ptr + slot * sbk_s + offs_j[:, None] * sbk_j + hk * sbk_h
-                     + offs_k[None, :], mask=mj[:, None] & mk[None, :], other=0.0)
-        kh = _l2norm_rows(kh.to(tl.float32), USE_L2)
-        Gj = tl.load(bg_base + offs_j * sbg_j, mask=mj, other=0.0)
-        hu = tl.load(bu_ptr + slot * sbu_s + offs_j[:, None] * sbu_j + h * sbu_h
-                     + offs_v[None, :], mask=mj[:, None] & mv[None, :], other=0.0)
+        kh, Gj, hu, mj = _history_rows(bk_ptr + slot * sbk_s + hk * sbk_h,
+                                       bu_ptr + slot * sbu_s + h * sbu_h, bg_base, sbk_j, sbu_j,
+                                       sbg_j, j0, Lc, offs_k, mk, offs_v, mv, BLH, USE_L2)
         wj = tl.where(mj, tl.exp(G_end - Gj), 0.0)
         S += tl.dot(tl.trans(hu * wj[:, None]), kh, input_precision=DOT_PREC)
     tl.store(s_ptrs, S.to(state_ptr.dtype.element_ty), mask=ms)
@@ -632,5 +639,4 @@ def prefill(cache, slots, q, k, v, g, beta, cu_seqlens, *, scale, use_qk_l2norm)
     return o
 
 
-__all__ = ["accept", "decode", "launch_config", "prefill", "verify",
-           "META_LEN", "META_PENDING", "META_HAS_STATE"]
+__all__ = ["CONFIG_OVERRIDE", "accept", "decode", "launch_config", "prefill", "verify"]
