@@ -82,3 +82,18 @@ def test_triton_rejects_non_unit_inner_stride():
                torch.randn(1, 1, 4, device=DEVICE), torch.randn(1, 1, 4, device=DEVICE),
                -torch.rand(1, 1, device=DEVICE), torch.rand(1, 1, device=DEVICE),
                backend="triton")
+
+
+@pytest.mark.parametrize("splits", [1, 2], ids=["all-tiles-per-program", "two-programs"])
+def test_decode_tile_loop_and_splits(splits, monkeypatch):
+    """Large batches run one program per (sequence, head) looping over all V tiles; small ones
+    split the tiles. Force both layouts (3 V tiles: V=40, BV=16; with 2 splits the second program
+    also owns a tile past V) and check decode, flushes included, against the recurrence."""
+    from vllm_kvbuffer.kernels import triton_impl
+
+    monkeypatch.setitem(triton_impl.CONFIG_OVERRIDE, "decode", {"BV": 16, "splits": splits})
+    d = Dims(H=2, HV=4, K=8, V=40, C=4, D=0, S=6)
+    sc = Scenario(d, backend="triton", dtype=torch.float32, state_dtype=torch.float32,
+                  device=DEVICE, seed=splits)
+    sc.run(steps=10, tol_out=2e-5, tol_state=2e-5, min_tokens_per_slot=3 * d.C,
+           ops=("prefill", "decode"), weights=(1, 6, 0, 0))
