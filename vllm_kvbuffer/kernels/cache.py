@@ -17,6 +17,8 @@ A slot holds
 - ``buf_g   [S, B, HV]``     cumulative log-decay ``G_j`` since the last flush, same dtype as buf_u.
 - ``meta    [S, 4]`` int32   ``[LEN, PENDING, HAS_STATE, reserved]``: committed buffered tokens,
   tentative (verified, not yet accepted) tokens stored after them, and whether ``state`` is valid.
+  The kernels never touch the last column (the vLLM layer may keep its own per-slot cursor there);
+  :func:`reset_slots` zeroes all four.
 
 ``B = chunk_size + max_draft_tokens``: a slot flushes as soon as its committed length reaches
 ``chunk_size``, so at most ``chunk_size - 1`` committed tokens wait when ``D + 1`` tentative ones are
