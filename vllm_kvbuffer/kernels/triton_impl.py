@@ -89,6 +89,15 @@ def _l2norm_vec(x, USE_L2: tl.constexpr):
 
 
 @triton.jit
+def _state_tile(s_ptrs, ms, has, BV: tl.constexpr, BK: tl.constexpr):
+    """fp32 ``[BV, BK]`` tile of ``S0``; zero, without reading memory, if the slot never flushed."""
+    S = tl.zeros([BV, BK], dtype=tl.float32)
+    if has != 0:
+        S = tl.load(s_ptrs, mask=ms, other=0.0).to(tl.float32)
+    return S
+
+
+@triton.jit
 def _history_rows(k_base, u_base, g_base, s_kj, s_uj, s_gj, j0, L, offs_k, mk, offs_v, mv,
                   BLH: tl.constexpr, USE_L2: tl.constexpr):
     """Buffered rows ``j0 .. j0+BLH-1`` (those < L): normalised keys ``[BLH, BK]``, cumulative
@@ -292,9 +301,7 @@ def _block_kernel(
     s_ptrs = (state_ptr + slot * ss_s + h * ss_h + offs_v[:, None] * ss_v
               + offs_k[None, :] * ss_k)
     ms = mv[:, None] & mk[None, :]
-    S = tl.zeros([BV, BK], dtype=tl.float32)
-    if has != 0:
-        S = tl.load(s_ptrs, mask=ms, other=0.0).to(tl.float32)
+    S = _state_tile(s_ptrs, ms, has, BV, BK)
     flushed = 0
 
     lower = offs_t[:, None] >= offs_t[None, :]
@@ -423,9 +430,7 @@ def _accept_flush_kernel(
     s_ptrs = (state_ptr + slot * ss_s + h * ss_h + offs_v[:, None] * ss_v
               + offs_k[None, :] * ss_k)
     ms = mv[:, None] & mk[None, :]
-    S = tl.zeros([BV, BK], dtype=tl.float32)
-    if has != 0:
-        S = tl.load(s_ptrs, mask=ms, other=0.0).to(tl.float32)
+    S = _state_tile(s_ptrs, ms, has, BV, BK)
     S = tl.exp(G_end) * S
     for j0 in range(0, Lc, BLH):
         kh, Gj, hu, mj = _history_rows(bk_ptr + slot * sbk_s + hk * sbk_h,
