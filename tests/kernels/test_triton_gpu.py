@@ -13,12 +13,14 @@ import pytest
 import torch
 
 from vllm_kvbuffer.kernels import (
+    accept,
     allocate_cache,
     decode,
     materialize_state,
     recurrent_gated_delta_rule,
     reset_slots,
     set_value_checks,
+    verify,
 )
 
 from .scenario import Dims, Scenario, rel_err
@@ -81,3 +83,61 @@ def test_qwen3_next_interleavings(state_dtype):
     sc = Scenario(d, backend="triton", dtype=torch.bfloat16, state_dtype=state_dtype,
                   device="cuda", strided=True, seed=3)
     sc.run(steps=40, tol_out=bound_o, tol_state=bound_s, min_tokens_per_slot=3 * d.C)
+
+
+def test_decode_verify_accept_capture_in_cuda_graphs():
+    """With value checks off, decode and verify+accept do no host sync and allocate nothing
+    data-dependent: both capture in CUDA graphs, and replays match eager runs on a twin pool."""
+    H, HV, K, V, C, D, N = 4, 8, 128, 128, 8, 3, 5
+    dev = "cuda"
+    gen = torch.Generator().manual_seed(9)
+    caches = [allocate_cache(12, num_k_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V,
+                             chunk_size=C, max_draft_tokens=D, dtype=torch.bfloat16,
+                             device=dev) for _ in range(2)]
+    slots = torch.tensor([7, 1, -1, 4, 10], dtype=torch.int32, device=dev)
+    for c in caches:
+        reset_slots(c, slots)
+
+    def inputs(*lead):
+        return (torch.randn(*lead, H, K, generator=gen).to(dev, torch.bfloat16),
+                torch.randn(*lead, H, K, generator=gen).to(dev, torch.bfloat16),
+                torch.randn(*lead, HV, V, generator=gen).to(dev, torch.bfloat16),
+                (-torch.rand(*lead, HV, generator=gen) * 0.2).to(dev),
+                torch.rand(*lead, HV, generator=gen).to(dev))
+
+    dec_in = [t.clone() for t in inputs(N)]
+    ver_in = [t.clone() for t in inputs(N, D + 1)]
+    m = torch.tensor([1, D + 1, 1, 2, 3], dtype=torch.int32, device=dev)
+    with set_value_checks(False):
+        # Warm up (compiles the kernels) on the eager twin, then capture on the other pool.
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            decode(caches[0], slots, *dec_in, backend="triton")
+            verify(caches[0], slots, *ver_in, backend="triton")
+            accept(caches[0], slots, m, backend="triton")
+        torch.cuda.current_stream().wait_stream(s)
+        for c in caches:
+            reset_slots(c, slots)
+        g_dec, g_ver = torch.cuda.CUDAGraph(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g_dec):
+            o_dec = decode(caches[1], slots, *dec_in, backend="triton")
+        with torch.cuda.graph(g_ver):
+            o_ver = verify(caches[1], slots, *ver_in, backend="triton")
+            accept(caches[1], slots, m, backend="triton")
+        for c in caches:                       # capture does not run the kernels; start equal
+            reset_slots(c, slots)
+        for step in range(3 * C):
+            for t, src in zip(dec_in + ver_in, inputs(N) + inputs(N, D + 1)):
+                t.copy_(src)
+            ref_dec = decode(caches[0], slots, *dec_in, backend="triton")
+            g_dec.replay()
+            ref_ver = verify(caches[0], slots, *ver_in, backend="triton")
+            accept(caches[0], slots, m, backend="triton")
+            g_ver.replay()
+            torch.cuda.synchronize()
+            assert torch.equal(o_dec, ref_dec), step
+            assert torch.equal(o_ver, ref_ver), step
+            assert torch.equal(caches[0].meta, caches[1].meta), step
+    assert torch.equal(materialize_state(caches[0], slots[slots >= 0]),
+                       materialize_state(caches[1], slots[slots >= 0]))
