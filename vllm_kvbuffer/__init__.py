@@ -43,18 +43,29 @@ def vllm_compatible() -> bool:
 def register() -> None:
     """vLLM general-plugin entry point (``vllm.general_plugins`` -> ``kvbuffer``).
 
-    Cheap and re-entrant: vLLM calls it in every process, possibly more than once. Today it checks
-    the vLLM version and logs; model, cache-spec and CLI registration come with the plugin work.
-    A wrong vLLM version leaves the plugin inactive with an error in the log rather than crashing
-    an engine that does not use it.
+    Cheap and re-entrant: vLLM calls it in every process, possibly more than once. It checks the
+    vLLM version and registers the KVBuffer Qwen3-Next class (lazily, by name) over vLLM's; that
+    class is stock unless KVBuffer settings are present. A wrong vLLM version leaves the plugin
+    inactive with an error in the log rather than crashing an engine that does not use it.
     """
     global _registered
     if _registered:
         return
     _registered = True
+    # vLLM configures its "vllm" logger (which ours is a child of) when vllm.logger is imported;
+    # plugins can be loaded before that, and an INFO record emitted then would be dropped.
+    import vllm.logger  # noqa: F401
+
     found = _vllm_version()
     if not vllm_compatible():
         logger.error("vllm-kvbuffer %s supports vLLM %s.x, found %s: the plugin stays inactive",
                      __version__, SUPPORTED_VLLM, found)
         return
+    from vllm import ModelRegistry
+
+    # Same architecture name: config handling, the MTP mapping and the runner choice key on it.
+    # Inactive, the registered subclass is vLLM's class unchanged.
+    ModelRegistry.register_model(
+        "Qwen3NextForCausalLM",
+        "vllm_kvbuffer.model_executor.qwen3_next:KVBufferQwen3NextForCausalLM")
     logger.info("vllm-kvbuffer %s loaded (vLLM %s)", __version__, found)

@@ -1,0 +1,63 @@
+"""Run one vLLM engine (in its own process) and print its outputs as JSON on the last line.
+
+Usage: python engine_run.py '<json spec>'. Spec keys: model, dtype, prompts (str or token-id
+lists), max_tokens, additional_config, enable_prefix_caching, speculative_config, prompt_logprobs,
+max_num_seqs, abort_after (list of prompt indices to abort after a few steps; streaming engine).
+Tests start each engine in a fresh process: vLLM keeps process-global state (plugins, registry,
+distributed groups) that one engine per process keeps honest.
+"""
+
+import json
+import os
+import sys
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+
+def main() -> None:
+    from vllm_kvbuffer.tools.local_env import apply_local_env
+
+    apply_local_env(ROOT)
+    os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    spec = json.loads(sys.argv[1])
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    kwargs = dict(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True,
+                  max_model_len=spec.get("max_model_len", 1024),
+                  max_num_seqs=spec.get("max_num_seqs", 8),
+                  enable_prefix_caching=spec.get("enable_prefix_caching", False), seed=0)
+    for key in ("additional_config", "speculative_config", "max_num_batched_tokens"):
+        if spec.get(key) is not None:
+            kwargs[key] = spec[key]
+    llm = LLM(**kwargs)
+    prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p
+               for p in spec["prompts"]]
+    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16),
+                            ignore_eos=True, logprobs=1,
+                            prompt_logprobs=spec.get("prompt_logprobs"))
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    result = []
+    for o in outs:
+        c = o.outputs[0]
+        item = {"prompt_token_ids": list(o.prompt_token_ids), "token_ids": list(c.token_ids),
+                "logprobs": [lp[t].logprob for lp, t in zip(c.logprobs, c.token_ids)]}
+        if o.prompt_logprobs is not None:
+            item["prompt_logprobs"] = [None] + [
+                lp[t].logprob for lp, t in zip(o.prompt_logprobs[1:], o.prompt_token_ids[1:])]
+        result.append(item)
+    import vllm_kvbuffer
+    from vllm import ModelRegistry
+
+    entry = ModelRegistry.models.get("Qwen3NextForCausalLM")
+    info = {"plugin_registered": vllm_kvbuffer._registered,
+            "qwen3_next_class": getattr(entry, "class_name", None) or repr(entry),
+            "qwen3_next_module": getattr(entry, "module_name", None)}
+    print("RESULT " + json.dumps({"outputs": result, "info": info}))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,78 @@
+"""Qwen3-Next with KVBuffer GDN layers, registered over vLLM's ``Qwen3NextForCausalLM``.
+
+Inactive (no ``additional_config["kvbuffer"]``, no ``VLLM_KVBUFFER=1``): the class is vLLM's own,
+unchanged, bit for bit (every override returns ``super()``'s result). Active: every GDN layer is
+promoted to :class:`~.gdn_layer.KVBufferGatedDeltaNet`, and the Mamba state classmethods that vLLM
+uses to size the cache page append the same KVBuffer states as the layers.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
+from vllm.model_executor.models.qwen3_next import Qwen3NextForCausalLM
+
+from ..config import KVBufferSettings, settings_of
+from .cache_spec import kvbuffer_state_dtypes, kvbuffer_state_shapes
+from .gdn_layer import KVBufferGatedDeltaNet
+
+logger = logging.getLogger("vllm.kvbuffer")
+
+
+def check_supported(vllm_config) -> None:
+    """Refuse, at start-up, the modes this version does not serve correctly with KVBuffer."""
+    if vllm_config.speculative_config is not None:
+        raise ValueError(
+            "KVBuffer: speculative decoding is not wired into vLLM in this version of "
+            "vllm-kvbuffer; run without --speculative-config (speculative_config=None), or "
+            "without KVBuffer (drop additional_config['kvbuffer'] / VLLM_KVBUFFER)")
+    mode = vllm_config.cache_config.mamba_cache_mode
+    if mode != "none":
+        raise ValueError(
+            f"KVBuffer: mamba_cache_mode={mode!r} (prefix caching) is not supported yet: a "
+            f"buffered state cannot be snapshot at block boundaries by a copy; pass "
+            f"--no-enable-prefix-caching (LLM(enable_prefix_caching=False))")
+
+
+def _num_spec(vllm_config) -> int:
+    spec = vllm_config.speculative_config
+    return spec.num_speculative_tokens if spec is not None else 0
+
+
+class KVBufferQwen3NextForCausalLM(Qwen3NextForCausalLM):
+    """vLLM's Qwen3-Next; with KVBuffer settings present, its GDN layers run KVBuffer."""
+
+    def __init__(self, *, vllm_config, prefix: str = ""):
+        super().__init__(vllm_config=vllm_config, prefix=prefix)
+        settings = settings_of(vllm_config)
+        self._kvbuffer: KVBufferSettings | None = settings
+        if settings is None:
+            return
+        check_supported(vllm_config)
+        layers = [mod for mod in self.modules() if type(mod) is QwenGatedDeltaNetAttention]
+        for layer in layers:
+            KVBufferGatedDeltaNet.promote(layer, settings)
+        logger.info("KVBuffer active: chunk_size=%d, backend=%s, %d GDN layers on this rank",
+                    settings.chunk_size, settings.backend, len(layers))
+
+    @classmethod
+    def get_mamba_state_shape_from_config(cls, vllm_config):
+        shapes = super().get_mamba_state_shape_from_config(vllm_config)
+        settings = settings_of(vllm_config)
+        if settings is None:
+            return shapes
+        check_supported(vllm_config)
+        hf = vllm_config.model_config.hf_text_config
+        return tuple(shapes) + kvbuffer_state_shapes(
+            tp_size=vllm_config.parallel_config.tensor_parallel_size,
+            num_k_heads=hf.linear_num_key_heads, num_v_heads=hf.linear_num_value_heads,
+            head_k_dim=hf.linear_key_head_dim, head_v_dim=hf.linear_value_head_dim,
+            chunk_size=settings.chunk_size, max_draft_tokens=_num_spec(vllm_config))
+
+    @classmethod
+    def get_mamba_state_dtype_from_config(cls, vllm_config):
+        dtypes = super().get_mamba_state_dtype_from_config(vllm_config)
+        if settings_of(vllm_config) is None:
+            return dtypes
+        return tuple(dtypes) + kvbuffer_state_dtypes(vllm_config.model_config.dtype)
