@@ -39,7 +39,24 @@ def main() -> None:
     params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16),
                             ignore_eos=True, logprobs=1,
                             prompt_logprobs=spec.get("prompt_logprobs"))
-    outs = llm.generate(prompts, params, use_tqdm=False)
+    if spec.get("abort") is None:
+        outs = llm.generate(prompts, params, use_tqdm=False)
+    else:
+        # Streaming engine loop: every request in flight at once, some aborted mid-way.
+        engine = llm.llm_engine
+        for i, p in enumerate(prompts):
+            engine.add_request(str(i), p, params)
+        abort_ids = [str(i) for i in spec["abort"]["ids"]]
+        finished, steps = {}, 0
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                if out.finished:
+                    finished[out.request_id] = out
+            steps += 1
+            if steps == spec["abort"]["after_steps"]:
+                engine.abort_request(abort_ids)
+        outs = [finished[str(i)] for i in range(len(prompts)) if str(i) in finished
+                and str(i) not in abort_ids]
     result = []
     for o in outs:
         c = o.outputs[0]

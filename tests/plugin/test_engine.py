@@ -97,3 +97,42 @@ def test_unsupported_modes_refused_at_startup(tiny_fp32, extra, match):
     assert proc.returncode != 0
     import re
     assert re.search(match, proc.stdout + proc.stderr), (proc.stdout + proc.stderr)[-3000:]
+
+
+def _mixed_prompts(n, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lens = [3, 5, 7, 1, 40, 130, 17, 260] * (n // 8 + 1)
+    return [torch.randint(10, 1000, (lens[i],), generator=g).tolist() for i in range(n)]
+
+
+def test_concurrent_requests_with_aborts_match_alone(tiny_fp32):
+    """32 requests in flight at once (mixed prompt lengths, some shorter than the chunk size,
+    long ones split by chunked prefill), 8 aborted mid-way: each survivor gets exactly the
+    tokens it gets when served alone (max_num_seqs=1)."""
+    prompts = _mixed_prompts(32)
+    aborted = [1, 4, 9, 14, 18, 22, 27, 31]
+    kvb = {"kvbuffer": {"chunk_size": 8}}
+    together, _ = run_engine(dict(model=tiny_fp32, prompts=prompts, max_tokens=40,
+                                  max_num_seqs=32, max_num_batched_tokens=128,
+                                  additional_config=kvb,
+                                  abort={"ids": aborted, "after_steps": 6}))
+    survivors = [p for i, p in enumerate(prompts) if i not in aborted]
+    alone, _ = run_engine(dict(model=tiny_fp32, prompts=survivors, max_tokens=40,
+                               max_num_seqs=1, additional_config=kvb))
+    assert len(together) == len(alone) == 24
+    for a, b in zip(together, alone):
+        assert a["prompt_token_ids"] == b["prompt_token_ids"]
+        assert a["token_ids"] == b["token_ids"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 5e-5
+
+
+def test_activation_from_environment(tiny_fp32):
+    """VLLM_KVBUFFER=1 (+ VLLM_KVBUFFER_CHUNK_SIZE) activates KVBuffer without additional_config
+    (the way Ray workers and other entry points receive it); additional_config wins."""
+    _, proc = run_engine(dict(model=tiny_fp32, prompts=["a b c"], max_tokens=4),
+                         env={"VLLM_KVBUFFER": "1", "VLLM_KVBUFFER_CHUNK_SIZE": "5"})
+    assert "KVBuffer active: chunk_size=5, backend=auto" in proc.stdout + proc.stderr
+    _, proc = run_engine(dict(model=tiny_fp32, prompts=["a b c"], max_tokens=4,
+                              additional_config={"kvbuffer": {"chunk_size": 7}}),
+                         env={"VLLM_KVBUFFER": "1", "VLLM_KVBUFFER_CHUNK_SIZE": "5"})
+    assert "KVBuffer active: chunk_size=7, backend=auto" in proc.stdout + proc.stderr
