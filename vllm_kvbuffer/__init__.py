@@ -44,8 +44,9 @@ def register() -> None:
     """vLLM general-plugin entry point (``vllm.general_plugins`` -> ``kvbuffer``).
 
     Cheap and re-entrant: vLLM calls it in every process, possibly more than once. It checks the
-    vLLM version and registers the KVBuffer Qwen3-Next class (lazily, by name) over vLLM's; that
-    class is stock unless KVBuffer settings are present. A wrong vLLM version leaves the plugin
+    vLLM version, adds the ``--load-plugin kvbuffer`` options to vLLM's CLI (:mod:`.patches`) and
+    registers the KVBuffer Qwen3-Next class (lazily, by name) over vLLM's; that class is stock
+    unless KVBuffer settings are present. A wrong vLLM version leaves the plugin
     inactive with an error in the log rather than crashing an engine that does not use it.
     """
     global _registered
@@ -63,6 +64,9 @@ def register() -> None:
         return
     from vllm import ModelRegistry
 
+    from . import patches
+
+    patches.apply()
     # Same architecture name: config handling, the MTP mapping and the runner choice key on it.
     # Inactive, the registered subclass is vLLM's class unchanged.
     ModelRegistry.register_model(

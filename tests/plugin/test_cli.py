@@ -1,0 +1,168 @@
+"""``--load-plugin kvbuffer`` through vLLM's real parser, and a real ``vllm serve`` on 127.0.0.1."""
+
+import argparse
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+VLLM = str(pathlib.Path(sys.executable).with_name("vllm"))
+
+
+def _parser():
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.utils.argparse_utils import FlexibleArgumentParser
+
+    return AsyncEngineArgs.add_cli_args(FlexibleArgumentParser())   # loads the plugin first
+
+
+def _engine_args(model, argv):
+    from vllm.engine.arg_utils import AsyncEngineArgs
+
+    args = _parser().parse_args(["--model", model] + argv)   # loads the plugin (patches) first
+    return AsyncEngineArgs.from_cli_args(args)
+
+
+def test_flags_fold_into_additional_config(tiny_fp32):
+    ea = _engine_args(tiny_fp32, ["--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "8",
+                                  "--kvbuffer-backend", "torch"])
+    assert ea.additional_config == {"kvbuffer": {"chunk_size": 8, "backend": "torch"}}
+    ea = _engine_args(tiny_fp32, ["--load-plugin", "kvbuffer", "--additional-config",
+                                  '{"kvbuffer": {"chunk_size": 4}, "other": 1}'])
+    assert ea.additional_config == {"kvbuffer": {"chunk_size": 4}, "other": 1}
+    assert not _engine_args(tiny_fp32, []).additional_config     # inactive: nothing added
+
+
+@pytest.mark.parametrize("argv,match", [
+    (["--load-plugin", "nope"], r"argument --load-plugin: invalid choice: 'nope'"),
+    (["--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "0"],
+     r"argument --kvbuffer-chunk-size: must be an integer >= 1, got '0'"),
+    (["--kvbuffer-backend", "cuda"], r"argument --kvbuffer-backend: invalid choice: 'cuda'"),
+])
+def test_bad_flags_are_parse_errors(argv, match, capsys):
+    with pytest.raises(SystemExit) as e:
+        _parser().parse_args(["--model", "m"] + argv)
+    assert e.value.code == 2
+    import re
+    assert re.search(match, capsys.readouterr().err)
+
+
+def test_options_without_load_plugin_are_an_error(tiny_fp32):
+    with pytest.raises(ValueError, match=r"--kvbuffer-chunk-size / --kvbuffer-backend need "
+                                         r"--load-plugin kvbuffer"):
+        _engine_args(tiny_fp32, ["--kvbuffer-chunk-size", "8"])
+
+
+def test_patches_are_idempotent():
+    from vllm.engine.arg_utils import EngineArgs
+
+    from vllm_kvbuffer import patches
+
+    _parser()
+    add, frm = EngineArgs.add_cli_args, EngineArgs.__dict__["from_cli_args"].__func__
+    patches.apply()
+    patches.apply()
+    assert EngineArgs.add_cli_args is add
+    assert EngineArgs.__dict__["from_cli_args"].__func__ is frm
+    assert not getattr(add.__wrapped__, "_kvbuffer_patch", False)
+    parser = patches.add_kvbuffer_args(_parser())           # a second group is never added
+    assert sum(a.dest == "load_plugin" for a in parser._actions) == 1
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body, timeout=120):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read().decode()
+
+
+@pytest.mark.slow
+def test_vllm_serve_help_lists_the_options():
+    out = subprocess.run([VLLM, "serve", "--help"], capture_output=True, text=True, timeout=300,
+                         cwd=str(ROOT))
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "KVBuffer linear-attention cache for Qwen3-Next" in out.stdout
+    assert "--load-plugin kvbuffer" in out.stdout
+    section = subprocess.run([VLLM, "serve", "--help=kvbuffer"], capture_output=True, text=True,
+                             timeout=300, cwd=str(ROOT))
+    assert section.returncode == 0, section.stderr[-2000:]
+    for flag in ("--load-plugin NAME", "--kvbuffer-chunk-size C",
+                 "--kvbuffer-backend {auto,torch,triton}"):
+        assert flag in section.stdout, section.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("argv,match", [
+    (["--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "0"],
+     "argument --kvbuffer-chunk-size: must be an integer >= 1, got '0'"),
+    (["--load-plugin", "kvbuffr"], "argument --load-plugin: invalid choice: 'kvbuffr'"),
+])
+def test_vllm_serve_bad_settings_fail_at_startup(tiny_fp32, argv, match):
+    out = subprocess.run([VLLM, "serve", tiny_fp32] + argv, capture_output=True, text=True,
+                         timeout=300, cwd=str(ROOT))
+    assert out.returncode == 2
+    assert match in out.stderr
+
+
+@pytest.mark.slow
+def test_vllm_serve_with_load_plugin(tiny_fp32, tmp_path):
+    port = _free_port()
+    log = open(tmp_path / "server.log", "w+")
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    server = subprocess.Popen(
+        [VLLM, "serve", tiny_fp32, "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "8",
+         "--dtype", "float32", "--enforce-eager", "--no-enable-prefix-caching",
+         "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port),
+         "--served-model-name", "tiny"],
+        stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, "server did not come up in 240 s"
+            time.sleep(1)
+        body = {"model": "tiny", "prompt": "Hello world, the quick brown fox", "max_tokens": 24,
+                "temperature": 0, "ignore_eos": True}
+        comp = json.loads(_post(base + "/v1/completions", body))
+        text = comp["choices"][0]["text"]
+        assert comp["usage"]["completion_tokens"] == 24 and text
+        chat = json.loads(_post(base + "/v1/chat/completions", {
+            "model": "tiny", "messages": [{"role": "user", "content": "Say hello"}],
+            "max_tokens": 12, "temperature": 0, "ignore_eos": True}))
+        assert chat["usage"]["completion_tokens"] == 12
+        assert chat["choices"][0]["message"]["content"]
+        stream = _post(base + "/v1/completions", dict(body, stream=True))
+        chunks = [json.loads(line[len("data: "):]) for line in stream.splitlines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+        assert len(chunks) >= 2 and stream.rstrip().endswith("data: [DONE]")
+        assert "".join(c["choices"][0]["text"] for c in chunks) == text
+    finally:
+        os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+    log.seek(0)
+    assert "KVBuffer active: chunk_size=8, backend=auto, 3 GDN layers" in log.read()

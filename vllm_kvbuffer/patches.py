@@ -1,0 +1,102 @@
+"""Every change vllm-kvbuffer makes to vLLM's own objects, in one place.
+
+vLLM 0.32 has no hook for a plugin to add command-line options, so two entry points of its CLI are
+wrapped. Each patch is version-guarded (only applied on the supported vLLM line, checked by
+:func:`vllm_kvbuffer.register`), idempotent (a marker attribute on the wrapper), and tested
+through vLLM's real parser and a real ``vllm serve`` (tests/plugin/test_cli.py).
+
+Ledger (target / why / remove when):
+
+P1 ``EngineArgs.add_cli_args`` (staticmethod) -- adds the "KVBuffer" argument group
+   (``--load-plugin kvbuffer``, ``--kvbuffer-chunk-size``, ``--kvbuffer-backend``) to every parser
+   vLLM builds from engine args (``vllm serve``, ``vllm bench``, ...). vLLM loads general plugins
+   in ``AsyncEngineArgs.add_cli_args`` before it calls this, precisely so plugins can extend the
+   CLI. Remove when vLLM offers a plugin CLI hook.
+P2 ``EngineArgs.from_cli_args`` (classmethod) -- the parsed plugin options are not EngineArgs
+   fields and would be dropped; they are folded into ``additional_config["kvbuffer"]``, which
+   reaches every engine and worker process inside ``VllmConfig``. Remove with P1.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .config import BACKENDS, CONFIG_KEY
+
+PLUGIN_NAME = "kvbuffer"
+_MARK = "_kvbuffer_patch"
+GROUP_DESCRIPTION = (
+    "KVBuffer linear-attention cache for Qwen3-Next (vllm-kvbuffer): --load-plugin kvbuffer, "
+    "--kvbuffer-chunk-size, --kvbuffer-backend.")
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    return value
+
+
+def add_kvbuffer_args(parser):
+    """Add the KVBuffer option group to ``parser`` (once)."""
+    if "--load-plugin" in parser._option_string_actions:
+        return parser
+    group = parser.add_argument_group("KVBuffer", description=GROUP_DESCRIPTION)
+    group.add_argument(
+        "--load-plugin", action="append", choices=(PLUGIN_NAME,), default=None,
+        metavar="NAME",
+        help="Activate an installed vLLM plugin by name. 'kvbuffer': serve Qwen3-Next's Gated "
+             "DeltaNet layers with KVBuffer (same as additional_config={'kvbuffer': {...}}).")
+    group.add_argument(
+        "--kvbuffer-chunk-size", type=_positive_int, default=None, metavar="C",
+        help="KVBuffer flush interval: buffered tokens per request before the recurrent state "
+             "is updated in one batch; 16 when unset.")
+    group.add_argument(
+        "--kvbuffer-backend", choices=BACKENDS, default=None,
+        help="KVBuffer kernels: 'auto' (Triton on CUDA, exact torch on the CPU), 'torch' or "
+             "'triton'; 'auto' when unset.")
+    return parser
+
+
+def fold_kvbuffer_args(args: argparse.Namespace, engine_args) -> None:
+    """Move the parsed KVBuffer options into ``engine_args.additional_config``."""
+    plugins = getattr(args, "load_plugin", None) or []
+    values = {"chunk_size": getattr(args, "kvbuffer_chunk_size", None),
+              "backend": getattr(args, "kvbuffer_backend", None)}
+    values = {k: v for k, v in values.items() if v is not None}
+    if PLUGIN_NAME not in plugins:
+        if values:
+            raise ValueError("--kvbuffer-chunk-size / --kvbuffer-backend need --load-plugin "
+                             "kvbuffer")
+        return
+    additional = dict(engine_args.additional_config or {})
+    settings = dict(additional.get(CONFIG_KEY) or {})
+    settings.update(values)
+    additional[CONFIG_KEY] = settings
+    engine_args.additional_config = additional
+
+
+def apply() -> None:
+    """Install P1 and P2 (idempotent)."""
+    from vllm.engine.arg_utils import EngineArgs
+
+    add_orig = EngineArgs.add_cli_args
+    if not getattr(add_orig, _MARK, False):
+        def add_cli_args(parser, *args, **kwargs):
+            return add_kvbuffer_args(add_orig(parser, *args, **kwargs))
+        setattr(add_cli_args, _MARK, True)
+        add_cli_args.__wrapped__ = add_orig
+        EngineArgs.add_cli_args = staticmethod(add_cli_args)
+
+    from_orig = EngineArgs.__dict__["from_cli_args"].__func__
+    if not getattr(from_orig, _MARK, False):
+        def from_cli_args(cls, args, *rest, **kwargs):
+            engine_args = from_orig(cls, args, *rest, **kwargs)
+            fold_kvbuffer_args(args, engine_args)
+            return engine_args
+        setattr(from_cli_args, _MARK, True)
+        from_cli_args.__wrapped__ = from_orig
+        EngineArgs.from_cli_args = classmethod(from_cli_args)
