@@ -30,6 +30,8 @@ def main() -> None:
                   max_model_len=spec.get("max_model_len", 1024),
                   max_num_seqs=spec.get("max_num_seqs", 8),
                   enable_prefix_caching=spec.get("enable_prefix_caching", False), seed=0)
+    if spec.get("metrics"):
+        kwargs["disable_log_stats"] = False
     for key in ("additional_config", "speculative_config", "max_num_batched_tokens"):
         if spec.get(key) is not None:
             kwargs[key] = spec[key]
@@ -70,7 +72,12 @@ def main() -> None:
     from vllm import ModelRegistry
 
     entry = ModelRegistry.models.get("Qwen3NextForCausalLM")
-    info = {"plugin_registered": vllm_kvbuffer._registered,
+    metrics = {}
+    if spec.get("metrics"):
+        for mt in llm.get_metrics():
+            if "spec_decode" in mt.name and hasattr(mt, "value"):
+                metrics[mt.name] = mt.value
+    info = {"metrics": metrics, "plugin_registered": vllm_kvbuffer._registered,
             "qwen3_next_class": getattr(entry, "class_name", None) or repr(entry),
             "qwen3_next_module": getattr(entry, "module_name", None)}
     print("RESULT " + json.dumps({"outputs": result, "info": info}))

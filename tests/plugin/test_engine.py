@@ -79,9 +79,6 @@ def test_bf16_matches_stock_vllm(tiny_bf16):
 
 
 @pytest.mark.parametrize("extra,match", [
-    (dict(speculative_config={"method": "ngram", "num_speculative_tokens": 2,
-                              "prompt_lookup_max": 3}),
-     "KVBuffer: speculative decoding is not wired into vLLM in this version"),
     (dict(enable_prefix_caching=True),
      "pass --no-enable-prefix-caching"),
     (dict(additional_config={"kvbuffer": {"chunk_size": 0}}),
@@ -136,3 +133,34 @@ def test_activation_from_environment(tiny_fp32):
                               additional_config={"kvbuffer": {"chunk_size": 7}}),
                          env={"VLLM_KVBUFFER": "1", "VLLM_KVBUFFER_CHUNK_SIZE": "5"})
     assert "KVBuffer active: chunk_size=7, backend=auto" in proc.stdout + proc.stderr
+
+
+SPEC_PROMPTS = ["a b c d a b c d a b c d a b",
+                "Hello world, the quick brown fox. Hello world, the quick"]
+
+
+@pytest.fixture(scope="module")
+def greedy_cyclic(tiny_cyclic_mtp_fp32):
+    outs, _ = run_engine(dict(model=tiny_cyclic_mtp_fp32, prompts=SPEC_PROMPTS, max_tokens=320,
+                              additional_config={"kvbuffer": {"chunk_size": 4}}))
+    return outs
+
+
+@pytest.mark.parametrize("method", ["ngram", "mtp"])
+def test_speculative_decoding_matches_greedy(tiny_cyclic_mtp_fp32, greedy_cyclic, method):
+    """Drafts verified in parallel from state + buffer, committed by accept (a cursor move):
+    exactly the tokens of non-speculative greedy decoding, with drafts both accepted and
+    rejected, over 320 tokens and many flushes (C = 4)."""
+    sc = {"method": method, "num_speculative_tokens": 3}
+    if method == "ngram":
+        sc.update(prompt_lookup_max=3, prompt_lookup_min=1)
+    outs, proc = run_engine(dict(model=tiny_cyclic_mtp_fp32, prompts=SPEC_PROMPTS,
+                                 max_tokens=320, speculative_config=sc, metrics=True,
+                                 additional_config={"kvbuffer": {"chunk_size": 4}}))
+    mt = proc.info["metrics"]
+    drafted, accepted = (mt["vllm:spec_decode_num_draft_tokens"],
+                         mt["vllm:spec_decode_num_accepted_tokens"])
+    assert 0 < accepted < drafted, mt
+    for spec, base in zip(outs, greedy_cyclic):
+        assert spec["token_ids"] == base["token_ids"]
+        assert max(abs(x - y) for x, y in zip(spec["logprobs"], base["logprobs"])) <= 5e-5

@@ -22,11 +22,6 @@ logger = logging.getLogger("vllm.kvbuffer")
 
 def check_supported(vllm_config) -> None:
     """Refuse, at start-up, the modes this version does not serve correctly with KVBuffer."""
-    if vllm_config.speculative_config is not None:
-        raise ValueError(
-            "KVBuffer: speculative decoding is not wired into vLLM in this version of "
-            "vllm-kvbuffer; run without --speculative-config (speculative_config=None), or "
-            "without KVBuffer (drop additional_config['kvbuffer'] / VLLM_KVBUFFER)")
     mode = vllm_config.cache_config.mamba_cache_mode
     if mode != "none":
         raise ValueError(
