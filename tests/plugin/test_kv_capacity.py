@@ -1,0 +1,35 @@
+"""The capacity claim with vLLM's own arithmetic (benchmarks/kv_capacity.py), Qwen3-Next-80B
+configuration, 4 MTP draft tokens, fp32 state, C = 16: stock per-request linear-attention bytes
+over KVBuffer's >= 4.0 (the ideal is 5: stock keeps 1 + 4 state slots, KVBuffer one state plus its
+buffer), and vLLM's maximum concurrency grows accordingly."""
+
+import importlib.util
+import pathlib
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def capacity():
+    spec = importlib.util.spec_from_file_location("kv_capacity",
+                                                  ROOT / "benchmarks" / "kv_capacity.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    import vllm.plugins
+
+    vllm.plugins.load_general_plugins()
+    return mod
+
+
+@pytest.mark.parametrize("tp", [1, 4])
+def test_four_drafts_fp32_state(capacity, tmp_path, tp):
+    model = capacity._model_dir(tmp_path)
+    stock = capacity.measure(model, tp=tp, num_spec=4, state="float32", kvbuffer=False)
+    kvb = capacity.measure(model, tp=tp, num_spec=4, state="float32", kvbuffer=True)
+    assert stock["mamba_blocks_per_request"] == 5 and kvb["mamba_blocks_per_request"] == 1
+    assert stock["gdn_layers"] == kvb["gdn_layers"] == 36
+    ratio = stock["linear_bytes_per_request"] / kvb["linear_bytes_per_request"]
+    assert 4.0 <= ratio <= 5.0, ratio
+    assert kvb["max_concurrency"] > 1.9 * stock["max_concurrency"]
