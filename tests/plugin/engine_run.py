@@ -75,7 +75,7 @@ def main() -> None:
     metrics = {}
     if spec.get("metrics"):
         for mt in llm.get_metrics():
-            if "spec_decode" in mt.name and hasattr(mt, "value"):
+            if ("spec_decode" in mt.name or "prefix_cache" in mt.name) and hasattr(mt, "value"):
                 metrics[mt.name] = mt.value
     info = {"metrics": metrics, "plugin_registered": vllm_kvbuffer._registered,
             "qwen3_next_class": getattr(entry, "class_name", None) or repr(entry),

@@ -120,12 +120,13 @@ def test_vllm_serve_bad_settings_fail_at_startup(tiny_fp32, argv, match):
 
 @pytest.mark.slow
 def test_vllm_serve_with_load_plugin(tiny_fp32, tmp_path):
+    """vLLM's defaults (prefix caching on, multiprocess engine) plus the plugin flags."""
     port = _free_port()
     log = open(tmp_path / "server.log", "w+")
     env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
     server = subprocess.Popen(
         [VLLM, "serve", tiny_fp32, "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "8",
-         "--dtype", "float32", "--enforce-eager", "--no-enable-prefix-caching",
+         "--dtype", "float32", "--enforce-eager",
          "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port),
          "--served-model-name", "tiny"],
         stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env, start_new_session=True)

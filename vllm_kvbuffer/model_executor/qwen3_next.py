@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
+from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
 from vllm.model_executor.models.qwen3_next import Qwen3NextForCausalLM
 
 from ..config import KVBufferSettings, settings_of
@@ -23,11 +25,15 @@ logger = logging.getLogger("vllm.kvbuffer")
 def check_supported(vllm_config) -> None:
     """Refuse, at start-up, the modes this version does not serve correctly with KVBuffer."""
     mode = vllm_config.cache_config.mamba_cache_mode
-    if mode != "none":
+    if mode not in ("none", "align"):
+        raise ValueError(f"KVBuffer: mamba_cache_mode={mode!r} is not supported; pass "
+                         f"--no-enable-prefix-caching or use the default 'align' mode")
+    if mode == "align" and vllm_config.speculative_config is not None:
         raise ValueError(
-            f"KVBuffer: mamba_cache_mode={mode!r} (prefix caching) is not supported yet: a "
-            f"buffered state cannot be snapshot at block boundaries by a copy; pass "
-            f"--no-enable-prefix-caching (LLM(enable_prefix_caching=False))")
+            "KVBuffer: prefix caching together with speculative decoding is not supported yet "
+            "(vLLM snapshots per-draft states at block boundaries); pass "
+            "--no-enable-prefix-caching (LLM(enable_prefix_caching=False)) or drop "
+            "--speculative-config")
 
 
 def _num_spec(vllm_config) -> int:
@@ -50,6 +56,17 @@ class KVBufferQwen3NextForCausalLM(Qwen3NextForCausalLM):
             KVBufferGatedDeltaNet.promote(layer, settings)
         logger.info("KVBuffer active: chunk_size=%d, backend=%s, %d GDN layers on this rank",
                     settings.chunk_size, settings.backend, len(layers))
+
+    def get_mamba_state_copy_funcs(self, mamba_types):
+        """Prefix caching ("align" mode) snapshots a request's linear state at block boundaries
+        by copying its page. A KVBuffer slot is fully described by its page (state, buffer and
+        cursor), so copying every KVBuffer state whole gives an exact snapshot; the stock funcs
+        would copy only the first two states and leave a stale buffer behind."""
+        funcs = super().get_mamba_state_copy_funcs(mamba_types)
+        if self._kvbuffer is None:
+            return funcs
+        extra = (get_temporal_copy_spec,) * len(kvbuffer_state_dtypes(torch.float32))
+        return {kind: tuple(f) + extra for kind, f in funcs.items()}
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config):
