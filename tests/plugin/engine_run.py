@@ -32,7 +32,8 @@ def main() -> None:
                   enable_prefix_caching=spec.get("enable_prefix_caching", False), seed=0)
     if spec.get("metrics"):
         kwargs["disable_log_stats"] = False
-    for key in ("additional_config", "speculative_config", "max_num_batched_tokens"):
+    for key in ("additional_config", "speculative_config", "max_num_batched_tokens",
+                "tensor_parallel_size", "num_gpu_blocks_override", "distributed_executor_backend"):
         if spec.get(key) is not None:
             kwargs[key] = spec[key]
     llm = LLM(**kwargs)
@@ -75,7 +76,8 @@ def main() -> None:
     metrics = {}
     if spec.get("metrics"):
         for mt in llm.get_metrics():
-            if ("spec_decode" in mt.name or "prefix_cache" in mt.name) and hasattr(mt, "value"):
+            if any(k in mt.name for k in ("spec_decode", "prefix_cache", "preemption")) \
+                    and hasattr(mt, "value"):
                 metrics[mt.name] = mt.value
     info = {"metrics": metrics, "plugin_registered": vllm_kvbuffer._registered,
             "qwen3_next_class": getattr(entry, "class_name", None) or repr(entry),

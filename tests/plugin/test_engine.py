@@ -13,6 +13,8 @@ Stated bounds:
   0.25 max on this model).
 """
 
+import re
+
 import pytest
 import torch
 
@@ -95,7 +97,6 @@ def test_unsupported_modes_refused_at_startup(tiny_fp32, extra, match):
     spec.update(extra)
     proc = run_engine(spec, expect_ok=False)
     assert proc.returncode != 0
-    import re
     assert re.search(match, proc.stdout + proc.stderr), (proc.stdout + proc.stderr)[-3000:]
 
 
@@ -186,3 +187,38 @@ def test_prefix_caching_matches_no_caching(tiny_fp32):
     for a, b in zip(cached, plain):
         assert a["token_ids"] == b["token_ids"]
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 5e-5
+
+
+def test_tensor_parallel_2_matches_tp1(tiny_fp32):
+    """GDN heads (and with them the KVBuffer states) sharded over 2 ranks (vLLM's multiprocess
+    executor, one core per rank): the same greedy tokens as TP 1."""
+    prompts = ["Hello world, the quick brown fox", "a b"]
+    spec = dict(model=tiny_fp32, prompts=prompts, max_tokens=60,
+                additional_config={"kvbuffer": {"chunk_size": 4}})
+    one, _ = run_engine(spec)
+    two, proc = run_engine(dict(spec, tensor_parallel_size=2),
+                           env={"VLLM_ENABLE_V1_MULTIPROCESSING": "1",
+                                "VLLM_CPU_OMP_THREADS_BIND": "0|1"})
+    log = proc.stdout + proc.stderr
+    for rank in (0, 1):
+        assert re.search(rf"Worker_TP{rank} .*KVBuffer active: chunk_size=4", log), log[-3000:]
+    for a, b in zip(one, two):
+        assert a["token_ids"] == b["token_ids"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 5e-5
+
+
+def test_preemption_recompute_matches_alone(tiny_fp32):
+    """A KV cache too small for six 90-230-token requests plus 120 generated tokens each forces
+    vLLM to preempt (free the blocks, recompute later): every request still gets exactly the
+    tokens it gets alone (a preempted request's reused page is reset, never read stale)."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(10, 1000, (n,), generator=g).tolist()
+               for n in (200, 150, 230, 90, 180, 120)]
+    spec = dict(model=tiny_fp32, prompts=prompts, max_tokens=120, max_model_len=512,
+                additional_config={"kvbuffer": {"chunk_size": 8}})
+    tight, proc = run_engine(dict(spec, max_num_seqs=6, num_gpu_blocks_override=12,
+                                  metrics=True))
+    alone, _ = run_engine(dict(spec, max_num_seqs=1))
+    assert proc.info["metrics"]["vllm:num_preemptions"] >= 1, proc.info["metrics"]
+    for a, b in zip(tight, alone):
+        assert a["token_ids"] == b["token_ids"]
