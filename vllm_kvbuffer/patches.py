@@ -15,13 +15,19 @@ P1 ``EngineArgs.add_cli_args`` (staticmethod) -- adds the "KVBuffer" argument gr
 P2 ``EngineArgs.from_cli_args`` (classmethod) -- the parsed plugin options are not EngineArgs
    fields and would be dropped; they are folded into ``additional_config["kvbuffer"]``, which
    reaches every engine and worker process inside ``VllmConfig``. Remove with P1.
+P3 ``vllm.envs.environment_variables`` gains the plugin's ``VLLM_KVBUFFER*`` variables -- vLLM
+   warns about (or, with strict validation, rejects) unknown ``VLLM_*`` variables, and Ray workers
+   receive every ``VLLM_*`` variable, which is how the settings reach them. Never removed (cheap).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 
-from .config import BACKENDS, CONFIG_KEY
+from .config import BACKENDS, CONFIG_KEY, ENV_BACKEND, ENV_CHUNK_SIZE, ENV_ENABLE
+
+ENV_VARS = (ENV_ENABLE, ENV_CHUNK_SIZE, ENV_BACKEND, "VLLM_KVBUFFER_VALUE_CHECKS")
 
 PLUGIN_NAME = "kvbuffer"
 _MARK = "_kvbuffer_patch"
@@ -80,8 +86,12 @@ def fold_kvbuffer_args(args: argparse.Namespace, engine_args) -> None:
 
 
 def apply() -> None:
-    """Install P1 and P2 (idempotent)."""
+    """Install P1, P2 and P3 (idempotent)."""
+    import vllm.envs
     from vllm.engine.arg_utils import EngineArgs
+
+    for name in ENV_VARS:
+        vllm.envs.environment_variables.setdefault(name, lambda name=name: os.getenv(name))
 
     add_orig = EngineArgs.add_cli_args
     if not getattr(add_orig, _MARK, False):

@@ -167,3 +167,20 @@ def test_vllm_serve_with_load_plugin(tiny_fp32, tmp_path):
             server.wait()
     log.seek(0)
     assert "KVBuffer active: chunk_size=8, backend=auto, 3 GDN layers" in log.read()
+
+
+def test_plugin_env_vars_are_declared_to_vllm(monkeypatch):
+    """vLLM validates VLLM_* variables (strictly with hard_fail); the plugin's are known."""
+    from vllm.platforms.interface import Platform
+
+    from vllm_kvbuffer import patches
+
+    _parser()
+    patches.apply()
+    for name in patches.ENV_VARS:
+        monkeypatch.setenv(name, "1")
+    Platform.validate_environ(hard_fail=True)
+    monkeypatch.setenv("VLLM_KVBUFFERZ", "1")
+    with pytest.raises(ValueError, match="Unknown vLLM environment variable detected: "
+                                         "VLLM_KVBUFFERZ"):
+        Platform.validate_environ(hard_fail=True)

@@ -24,6 +24,15 @@ logger = logging.getLogger("vllm.kvbuffer")
 
 def check_supported(vllm_config) -> None:
     """Refuse, at start-up, the modes this version does not serve correctly with KVBuffer."""
+    from vllm.platforms import current_platform
+
+    if not current_platform.is_cpu() and not vllm_config.model_config.enforce_eager:
+        # The layer's core walks the batch on the host (slot lists, per-length verify groups);
+        # it has run inside vLLM on the CPU only, never under CUDA-graph capture.
+        raise ValueError(
+            "KVBuffer: the vLLM layer is not CUDA-graph ready in this version of vllm-kvbuffer "
+            "(its kernels are; the layer has been validated in vLLM on the CPU only); pass "
+            "--enforce-eager (LLM(enforce_eager=True))")
     mode = vllm_config.cache_config.mamba_cache_mode
     if mode not in ("none", "align"):
         raise ValueError(f"KVBuffer: mamba_cache_mode={mode!r} is not supported; pass "
