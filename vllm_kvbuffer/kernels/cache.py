@@ -137,25 +137,6 @@ class KVBufferCache:
     def device(self) -> torch.device:
         return self.state.device
 
-    @staticmethod
-    def bytes_per_slot(*, num_k_heads: int, num_v_heads: int, head_k_dim: int, head_v_dim: int,
-                       chunk_size: int, max_draft_tokens: int = 0,
-                       dtype: torch.dtype = torch.bfloat16,
-                       state_dtype: torch.dtype = torch.float32) -> dict[str, int]:
-        """Bytes one slot occupies, per tensor (what a vLLM cache page must hold)."""
-        B = chunk_size + max_draft_tokens
-        acc = accumulator_dtype(state_dtype)
-        esz = lambda dt: torch.empty((), dtype=dt).element_size()  # noqa: E731
-        out = {
-            "state": num_v_heads * head_v_dim * head_k_dim * esz(state_dtype),
-            "buf_k": B * num_k_heads * head_k_dim * esz(dtype),
-            "buf_u": B * num_v_heads * head_v_dim * esz(acc),
-            "buf_g": B * num_v_heads * esz(acc),
-            "meta": META_COLS * 4,
-        }
-        out["total"] = sum(out.values())
-        return out
-
 
 def allocate_cache(num_slots: int, *, num_k_heads: int, num_v_heads: int, head_k_dim: int,
                    head_v_dim: int, chunk_size: int = 16, max_draft_tokens: int = 0,
