@@ -18,7 +18,7 @@ def test_cuda_requires_enforce_eager(monkeypatch):
     from vllm.platforms import current_platform
 
     monkeypatch.setattr(type(current_platform), "is_cpu", lambda self: False)
-    with pytest.raises(ValueError, match=r"not CUDA-graph ready .* pass --enforce-eager"):
+    with pytest.raises(ValueError, match=r"CUDA graphs is not validated .* pass --enforce-eager"):
         qwen3_next.check_supported(_config(enforce_eager=False))
     qwen3_next.check_supported(_config(enforce_eager=True))
 

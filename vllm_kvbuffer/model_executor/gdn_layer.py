@@ -9,8 +9,10 @@ promoted layer
   buffers beside the recurrent state;
 - runs vLLM's own device-agnostic projection path on every platform (``forward_cuda``: input
   projections, the ``vllm::qwen_gdn_attention_core`` custom op, output projection), and replaces
-  the core that op dispatches to (``_forward_core``): causal conv with the layer's conv state,
-  gates, and the KVBuffer ``prefill`` / ``decode`` operations on the slot pool.
+  the core that op dispatches to (``_forward_core``), which unpacks vLLM's GDN metadata and hands
+  the rows to :mod:`.gdn_core` (causal conv with the layer's conv state, gates, and the KVBuffer
+  operations on the slot pool): decode-only and uniform speculative batches, the ones vLLM
+  captures in FULL CUDA graphs, take its graph-safe paths.
 
 This stays off the stock CPU core (``cpu_gdn_attention_core``), which requires bf16: the KVBuffer
 path runs in float32 as well.
@@ -21,49 +23,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
 from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 
-from .. import kernels
 from ..config import KVBufferSettings
+from . import gdn_core
 from .cache_spec import cache_from_layer_states, kvbuffer_state_dtypes, kvbuffer_state_shapes
-
-# meta column the layer owns (the kernels never touch it): the conv window's offset.
-META_CONV = 3
-
-
-def causal_conv1d_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
-                       cu: list[int], windows: list[torch.Tensor | None],
-                       activation: str | None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
-    """Depthwise causal conv over packed sequences, each continuing its own input window.
-
-    Args:
-        x: ``[T, D]`` packed inputs. weight: ``[D, W]``. bias: ``[D]`` or None.
-        cu: sequence boundaries in x. windows: per sequence the ``[W-1, D]`` inputs that precede
-            it (None: padding row, skipped).
-
-    Returns ``(y [T, D]`` in x's dtype with the activation applied, per sequence the full input
-    ``[W-1+n, D]`` in fp32 (to take the next window from))``.
-    """
-    y = torch.zeros_like(x)
-    w = weight.to(torch.float32)[:, None, :]
-    b = bias.to(torch.float32) if bias is not None else None
-    fulls: list[torch.Tensor | None] = []
-    for i, prev in enumerate(windows):
-        start, end = cu[i], cu[i + 1]
-        if prev is None:
-            fulls.append(None)
-            continue
-        full = torch.cat([prev.to(torch.float32), x[start:end].to(torch.float32)], dim=0)
-        if end > start:
-            yi = F.conv1d(full.t()[None], w, b, groups=x.shape[1])[0].t()
-            if activation in ("silu", "swish"):
-                yi = F.silu(yi)
-            y[start:end] = yi.to(x.dtype)
-        fulls.append(full)
-    return y, fulls
 
 
 class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
@@ -115,36 +81,18 @@ class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
             w = self.conv1d.weight
         return w.reshape(w.shape[0], w.shape[-1])
 
-    # The conv cache holds W-1+D input columns per slot (vLLM's shape). Its committed window is
-    # the W-1 columns from the offset kept in meta[:, META_CONV]; a verify step stores
-    # ``full[drop:]`` and marks the slot pending as ``-(drop + 1)``, and the accept at the start
-    # of the next step turns that into offset ``m - drop`` (m: tokens accepted).
-    def _window(self, conv_state, meta, slot: int, has_initial_state: bool, W: int):
-        if not has_initial_state:
-            return conv_state.new_zeros(W - 1, conv_state.shape[-1])
-        off = int(meta[slot, META_CONV])
-        if off < 0:
-            raise RuntimeError(f"slot {slot}: conv window read while a verify is pending")
-        return conv_state[slot, off:off + W - 1]
-
-    def _store_window(self, conv_state, meta, slot: int, full: torch.Tensor, W: int) -> None:
-        conv_state[slot, :W - 1] = full[-(W - 1):].to(conv_state.dtype)
-        meta[slot, META_CONV] = 0
-
-    def _qkv_gates(self, x, b, a):
-        n = x.shape[0]
-        Hr, HVr = self.num_k_heads // self.tp_size, self.num_v_heads // self.tp_size
-        kd, vd = Hr * self.head_k_dim, HVr * self.head_v_dim
-        q = x[:, :kd].reshape(n, Hr, self.head_k_dim)
-        k = x[:, kd:2 * kd].reshape(n, Hr, self.head_k_dim)
-        v = x[:, 2 * kd:2 * kd + vd].reshape(n, HVr, self.head_v_dim)
-        # Gates as the stock path computes them, in fp32.
-        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
-        beta = torch.sigmoid(b.float())
-        return q, k, v, g, beta
+    def _params(self) -> gdn_core.GDNParams:
+        return gdn_core.GDNParams(
+            conv_weight=self._conv_weight(), conv_bias=self.conv1d.bias,
+            activation=self.activation, A_log=self.A_log, dt_bias=self.dt_bias,
+            num_k_heads=self.num_k_heads // self.tp_size,
+            num_v_heads=self.num_v_heads // self.tp_size,
+            head_k_dim=self.head_k_dim, head_v_dim=self.head_v_dim, backend=self._backend())
 
     def _forward_core(self, mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                       core_attn_out: torch.Tensor) -> None:
+        """Decode-only and uniform speculative batches take the graph-safe paths (vLLM captures
+        those in FULL CUDA graphs); everything else the eager ones (see :mod:`.gdn_core`)."""
         metadata = get_forward_context().attn_metadata
         if metadata is None:          # profiling run: nothing is bound yet
             return
@@ -155,16 +103,24 @@ class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
                                         max_draft_tokens=self.num_spec)
         conv_cache = self.kv_cache[0]
         conv_state = conv_cache.transpose(-1, -2) if is_conv_state_dim_first() else conv_cache
-        W = self.conv1d.weight.shape[-1]
-        weight = self._conv_weight()
-        backend = self._backend()
-        meta = cache.meta
+        p = self._params()
 
         if m.num_spec_decodes:
+            n = m.num_spec_decodes
             spec_idx = (m.spec_token_indx if m.spec_token_indx is not None
                         else torch.arange(m.num_spec_decode_tokens, device=mixed_qkv.device))
-            out = self._spec_rows(m, cache, conv_state, meta, W, weight, backend,
-                                  mixed_qkv[spec_idx], b[spec_idx], a[spec_idx])
+            x, bb, aa = mixed_qkv[spec_idx], b[spec_idx], a[spec_idx]
+            blocks = m.spec_state_indices_tensor[:, 0]
+            T = m.uniform_spec_sequence_length
+            if T is not None and m.num_prefills == 0 and m.num_decodes == 0:
+                # Rows past num_spec_decodes are vLLM's CUDA-graph padding (null block).
+                rows = spec_idx.shape[0] // T
+                out = gdn_core.spec_rows_uniform(cache, conv_state, p, blocks[:rows],
+                                                 m.num_accepted_tokens[:rows], x, bb, aa, T)
+            else:
+                out = gdn_core.spec_rows_varlen(cache, conv_state, p, blocks[:n],
+                                                m.num_accepted_tokens[:n],
+                                                m.spec_query_start_loc, x, bb, aa)
             core_attn_out[spec_idx] = out.to(core_attn_out.dtype)
         rows = m.num_decodes + m.num_prefills
         if rows:
@@ -173,92 +129,13 @@ class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
             else:
                 idx = torch.arange(m.num_decode_tokens + m.num_prefill_tokens,
                                    device=mixed_qkv.device)
-            out = self._non_spec_rows(m, cache, conv_state, meta, W, weight, backend,
-                                      mixed_qkv[idx], b[idx], a[idx])
+            x, bb, aa = mixed_qkv[idx], b[idx], a[idx]
+            blocks = m.non_spec_state_indices_tensor
+            if m.num_prefills == 0 and m.num_spec_decodes == 0:
+                out = gdn_core.decode_rows(cache, conv_state, p, blocks[:idx.shape[0]],
+                                           x, bb, aa)
+            else:
+                out = gdn_core.varlen_rows(cache, conv_state, p, blocks[:rows],
+                                           m.non_spec_query_start_loc, m.num_decodes,
+                                           m.has_initial_state, x, bb, aa)
             core_attn_out[idx] = out.to(core_attn_out.dtype)
-
-    def _non_spec_rows(self, m, cache, conv_state, meta, W, weight, backend, x, b, a):
-        n_dec, n_pre, n_dec_tok = m.num_decodes, m.num_prefills, m.num_decode_tokens
-        rows = n_dec + n_pre
-        # vLLM pads state indices with its null block 0 (never a request's block).
-        blocks = m.non_spec_state_indices_tensor[:rows]
-        slots = torch.where(blocks > 0, blocks, -1).to(torch.int32)
-        slot_list = slots.tolist()
-        cu = m.non_spec_query_start_loc[: rows + 1].tolist()
-        has_init = ([True] * n_dec + m.has_initial_state[n_dec:rows].tolist()
-                    if n_pre else [True] * n_dec)
-        # New sequences (and recomputed, preempted ones) start empty: their pages are reused.
-        fresh = [s for s, h in zip(slot_list, has_init) if s >= 0 and not h]
-        if fresh:
-            kernels.reset_slots(cache, torch.tensor(fresh, dtype=torch.int32,
-                                                    device=slots.device))
-        windows = [None if s < 0 else self._window(conv_state, meta, s, h, W)
-                   for s, h in zip(slot_list, has_init)]
-        y, fulls = causal_conv1d_rows(x, weight, self.conv1d.bias, cu, windows, self.activation)
-        for s, full in zip(slot_list, fulls):
-            if full is not None:
-                self._store_window(conv_state, meta, s, full, W)
-        q, k, v, g, beta = self._qkv_gates(y, b, a)
-        out = torch.empty_like(v)
-        if n_dec:
-            out[:n_dec_tok] = kernels.decode(cache, slots[:n_dec], q[:n_dec_tok], k[:n_dec_tok],
-                                             v[:n_dec_tok], g[:n_dec_tok], beta[:n_dec_tok],
-                                             backend=backend)
-        if n_pre:
-            cu_pre = m.non_spec_query_start_loc[n_dec: rows + 1] - n_dec_tok
-            out[n_dec_tok:] = kernels.prefill(cache, slots[n_dec:], q[n_dec_tok:],
-                                              k[n_dec_tok:], v[n_dec_tok:], g[n_dec_tok:],
-                                              beta[n_dec_tok:], cu_pre.to(torch.int32),
-                                              backend=backend)
-        return out
-
-    def _spec_rows(self, m, cache, conv_state, meta, W, weight, backend, x, b, a):
-        """Last accepted token + drafts: commit the previous step's accepted prefix, then score
-        the new tokens tentatively with ``verify`` (no state written, no per-draft slots)."""
-        n = m.num_spec_decodes
-        blocks = m.spec_state_indices_tensor[:n, 0]
-        slots = torch.where(blocks > 0, blocks, -1).to(torch.int32)
-        slot_list = slots.tolist()
-        # 1. Commit what the sampler accepted last step (accepted drafts + 1) in slots that
-        #    still hold tentative tokens; the others come straight from a prefill.
-        accepted = m.num_accepted_tokens[:n].to(torch.int32)
-        pending = [i for i, s in enumerate(slot_list) if s >= 0 and int(meta[s, 1]) > 0]
-        if pending:
-            rows = torch.tensor(pending, dtype=torch.long, device=slots.device)
-            acc = accepted[rows]
-            kernels.accept(cache, slots[rows], acc, backend=backend)
-            for i, mi in zip(pending, acc.tolist()):
-                s = slot_list[i]
-                drop = -int(meta[s, META_CONV]) - 1
-                meta[s, META_CONV] = mi - drop
-        # 2. Conv: each row continues its committed window; keep the inputs so that any accepted
-        #    prefix can become the next window (store full[drop:] in the W-1+D columns).
-        cu = m.spec_query_start_loc[: n + 1].tolist()
-        windows = [None if s < 0 else self._window(conv_state, meta, s, True, W)
-                   for s in slot_list]
-        y, fulls = causal_conv1d_rows(x, weight, self.conv1d.bias, cu, windows, self.activation)
-        cap = conv_state.shape[1]
-        for s, full in zip(slot_list, fulls):
-            if full is None:
-                continue
-            drop = full.shape[0] - min(full.shape[0], cap)
-            kept = full[drop:]
-            conv_state[s, :kept.shape[0]] = kept.to(conv_state.dtype)
-            meta[s, META_CONV] = -(drop + 1)
-        # 3. Verify, grouped by query length (rows may carry different numbers of drafts).
-        q, k, v, g, beta = self._qkv_gates(y, b, a)
-        out = torch.zeros_like(v)
-        lens = [cu[i + 1] - cu[i] for i in range(n)]
-        for T in sorted(set(lens)):
-            members = [i for i in range(n) if lens[i] == T and slot_list[i] >= 0]
-            if not members or T == 0:
-                continue
-            tok = torch.tensor([cu[i] + t for i in members for t in range(T)],
-                               dtype=torch.long, device=x.device)
-            grp = torch.tensor(members, dtype=torch.long, device=x.device)
-            o = kernels.verify(cache, slots[grp],
-                               *(t[tok].reshape(len(members), T, *t.shape[1:])
-                                 for t in (q, k, v, g, beta)),
-                               backend=backend)
-            out[tok] = o.reshape(len(members) * T, *o.shape[2:])
-        return out

@@ -1,0 +1,322 @@
+"""The KVBuffer GDN layer core: causal conv on the layer's conv cache, gates, KVBuffer kernels.
+
+Pure torch + :mod:`vllm_kvbuffer.kernels` (no vLLM import), so it can be tested, and captured in a
+CUDA graph, without an engine. The vLLM layer (:mod:`.gdn_layer`) only unpacks vLLM's metadata.
+
+Two kinds of entry points:
+
+- **Graph-safe** (:func:`decode_rows`, :func:`spec_rows_uniform`): the batches vLLM captures in
+  FULL CUDA graphs (decode-only, and speculative decoding with the same number of tokens per
+  request). No host reads, no data-dependent shapes or branches: slots come from the block ids on
+  the device (block id ``<= 0`` is vLLM's null block = padding row; such rows read and write
+  nothing), conv windows are gathered at per-slot offsets kept in ``meta[:, META_CONV]``, writes to
+  padding rows are masked. A replay with other block ids, accepted counts and inputs in the same
+  buffers computes what an eager call would.
+- **Eager** (:func:`varlen_rows`, :func:`spec_rows_varlen`): prefills, chunked prefills, mixed
+  batches and ragged speculative batches. vLLM runs the attention core of these batches outside
+  CUDA graphs (the custom op is one of its splitting ops), so they may read lengths on the host.
+
+The conv cache holds ``W-1+D`` input columns per slot (vLLM's shape). Its committed window is the
+``W-1`` columns from the offset in ``meta[:, META_CONV]``; a verify step stores ``full[drop:]`` (the
+window and the new inputs, the oldest ``drop`` dropped to fit) and marks the slot pending as
+``-(drop + 1)``; the accept at the start of the next step turns that into offset ``m - drop``
+(``m``: tokens accepted).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import kernels
+from ..kernels.cache import META_PENDING, KVBufferCache
+
+# meta column the layer owns (the kernels never touch it): the conv window's offset.
+META_CONV = 3
+
+
+@dataclass(frozen=True)
+class GDNParams:
+    """One GDN layer's weights and per-rank sizes, as the core needs them.
+
+    ``conv_weight [D, W]``, ``conv_bias [D]`` or None, ``A_log [HV]``, ``dt_bias [HV]``; ``D`` is
+    the conv channel count ``2*H*K + HV*V`` (this rank's heads).
+    """
+
+    conv_weight: torch.Tensor
+    conv_bias: torch.Tensor | None
+    activation: str | None
+    A_log: torch.Tensor
+    dt_bias: torch.Tensor
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    backend: str
+
+    @property
+    def width(self) -> int:
+        return self.conv_weight.shape[-1]
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Arithmetic dtype of conv and gates: fp32 as the stock path (float64 for float64 inputs)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def qkv_gates(p: GDNParams, y: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
+    """Split the conv output ``y [T, D]`` into q, k, v and compute the gates (in fp32 as the
+    stock path computes them; float64 for float64 inputs)."""
+    n = y.shape[0]
+    kd, vd = p.num_k_heads * p.head_k_dim, p.num_v_heads * p.head_v_dim
+    q = y[:, :kd].reshape(n, p.num_k_heads, p.head_k_dim)
+    k = y[:, kd:2 * kd].reshape(n, p.num_k_heads, p.head_k_dim)
+    v = y[:, 2 * kd:2 * kd + vd].reshape(n, p.num_v_heads, p.head_v_dim)
+    f = _acc(a.dtype)
+    g = -torch.exp(p.A_log.to(f)) * F.softplus(a.to(f) + p.dt_bias.to(f))
+    beta = torch.sigmoid(b.to(f))
+    return q, k, v, g, beta
+
+
+def _activate(y: torch.Tensor, activation: str | None) -> torch.Tensor:
+    return F.silu(y) if activation in ("silu", "swish") else y
+
+
+def block_slots(blocks: torch.Tensor) -> torch.Tensor:
+    """vLLM block ids -> KVBuffer slot ids: the null block (0, vLLM's padding) becomes -1."""
+    return torch.where(blocks > 0, blocks, -1).to(torch.int32)
+
+
+# -- graph-safe paths --------------------------------------------------------------------------
+def _gather_windows(conv_state, meta, slots_c, valid, W: int) -> torch.Tensor:
+    """``[N, W-1, D]`` (fp32 or float64): each slot's committed conv window, at its ``META_CONV`` offset
+    (padding rows read the null block at offset 0: never out of range, whatever it holds)."""
+    off = meta[slots_c, META_CONV].clamp(min=0, max=conv_state.shape[1] - (W - 1))
+    off = torch.where(valid, off, 0).long()
+    cols = off[:, None] + torch.arange(W - 1, device=off.device)
+    return conv_state[slots_c.long()[:, None], cols].to(_acc(conv_state.dtype))
+
+
+def _conv_uniform(full: torch.Tensor, p: GDNParams, T: int) -> torch.Tensor:
+    """Causal depthwise conv of ``full [N, W-1+T, D]``: ``[N, T, D]`` outputs in full's dtype."""
+    W = p.width
+    w = p.conv_weight.to(full.dtype)                               # [D, W]
+    win = full.unfold(1, W, 1)                                      # [N, T, D, W]
+    y = (win * w).sum(-1)
+    if p.conv_bias is not None:
+        y = y + p.conv_bias.to(full.dtype)
+    return _activate(y, p.activation)
+
+
+def _masked_row_write(dst: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
+                      value: torch.Tensor) -> None:
+    """``dst[rows] = value`` where ``valid``; padding rows (pointing at the null block) write that
+    row's own content back, so they change nothing."""
+    shape = (-1,) + (1,) * (value.dim() - 1)
+    dst[rows] = torch.where(valid.view(shape), value.to(dst.dtype), dst[rows])
+
+
+def decode_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
+                blocks: torch.Tensor, x: torch.Tensor, b: torch.Tensor,
+                a: torch.Tensor) -> torch.Tensor:
+    """One token per request (graph-safe).
+
+    Args:
+        conv_state: ``[S, W-1+D, Dc]`` the layer's conv cache (token-major view).
+        blocks: ``[N]`` vLLM state block ids (``<= 0``: padding row).
+        x: ``[N, Dc]`` pre-conv projections; b, a: ``[N, HV]``.
+
+    Returns ``[N, HV, V]`` (padding rows: zeros). Requests here always continue a slot.
+    """
+    N, W = x.shape[0], p.width
+    slots = block_slots(blocks)
+    valid = slots >= 0
+    slots_c = slots.clamp(min=0).long()
+    full = torch.cat([_gather_windows(conv_state, cache.meta, slots_c, valid, W),
+                      x.to(_acc(x.dtype))[:, None]], dim=1)      # [N, W, Dc]
+    y = _conv_uniform(full, p, 1)[:, 0].to(x.dtype)
+    cols = torch.arange(W - 1, device=x.device)
+    _masked_row_write(conv_state, (slots_c[:, None], cols), valid[:, None], full[:, 1:])
+    _masked_row_write(cache.meta, (slots_c, META_CONV), valid,
+                      torch.zeros(N, dtype=cache.meta.dtype, device=x.device))
+    q, k, v, g, beta = qkv_gates(p, y, b, a)
+    with kernels.set_value_checks(False):
+        return kernels.decode(cache, slots, q, k, v, g, beta, backend=p.backend)
+
+
+def accept_pending(cache: KVBufferCache, slots: torch.Tensor,
+                   num_accepted: torch.Tensor, backend: str) -> None:
+    """Commit what the sampler accepted last step (accepted drafts + 1) in the slots that still
+    hold tentative tokens (the others come straight from a prefill or hold none), and move their
+    conv windows to the accepted position. Graph-safe."""
+    valid = slots >= 0
+    slots_c = slots.clamp(min=0).long()
+    meta = cache.meta
+    pending = valid & (meta[slots_c, META_PENDING] > 0)
+    acc = num_accepted.to(torch.int32)
+    with kernels.set_value_checks(False):
+        kernels.accept(cache, torch.where(pending, slots, -1), acc, backend=backend)
+    off = meta[slots_c, META_CONV]
+    # off = -(drop + 1) while pending; the window of the accepted prefix starts at m - drop.
+    _masked_row_write(meta, (slots_c, META_CONV), pending, acc + off + 1)
+
+
+def spec_rows_uniform(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
+                      blocks: torch.Tensor, num_accepted: torch.Tensor, x: torch.Tensor,
+                      b: torch.Tensor, a: torch.Tensor, T: int) -> torch.Tensor:
+    """Speculative rows, each with the same ``T`` tokens (last accepted token + T-1 drafts);
+    graph-safe.
+
+    Args:
+        blocks: ``[N]`` block ids (``<= 0``: padding). num_accepted: ``[N]`` tokens the sampler
+            accepted of each request's previous verify (accepted drafts + 1).
+        x: ``[N*T, Dc]`` row-major by request; b, a: ``[N*T, HV]``.
+
+    Returns ``[N*T, HV, V]``. Commits the previous step's accepted prefix, then scores the ``T``
+    tokens tentatively with ``verify`` (no state written, no per-draft slots).
+    """
+    N, W = blocks.shape[0], p.width
+    slots = block_slots(blocks)
+    valid = slots >= 0
+    slots_c = slots.clamp(min=0).long()
+    accept_pending(cache, slots, num_accepted[:N], p.backend)
+    window = _gather_windows(conv_state, cache.meta, slots_c, valid, W)
+    full = torch.cat([window, x.to(window.dtype).reshape(N, T, -1)], dim=1)  # [N, W-1+T, Dc]
+    y = _conv_uniform(full, p, T).reshape(N * T, -1).to(x.dtype)
+    cap = conv_state.shape[1]
+    drop = max(0, W - 1 + T - cap)
+    kept = full[:, drop:]
+    cols = torch.arange(kept.shape[1], device=x.device)
+    _masked_row_write(conv_state, (slots_c[:, None], cols), valid[:, None], kept)
+    _masked_row_write(cache.meta, (slots_c, META_CONV), valid,
+                      torch.full((N,), -(drop + 1), dtype=cache.meta.dtype, device=x.device))
+    q, k, v, g, beta = qkv_gates(p, y, b, a)
+    with kernels.set_value_checks(False):
+        o = kernels.verify(cache, slots, *(t.reshape(N, T, *t.shape[1:])
+                                           for t in (q, k, v, g, beta)), backend=p.backend)
+    return o.reshape(N * T, *o.shape[2:])
+
+
+# -- eager paths (host reads allowed: vLLM never captures these batches) -----------------------
+def causal_conv1d_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                       cu: list[int], windows: list[torch.Tensor | None],
+                       activation: str | None) -> tuple[torch.Tensor, list[torch.Tensor | None]]:
+    """Depthwise causal conv over packed sequences, each continuing its own input window.
+
+    Args:
+        x: ``[T, D]`` packed inputs. weight: ``[D, W]``. bias: ``[D]`` or None.
+        cu: sequence boundaries in x. windows: per sequence the ``[W-1, D]`` inputs that precede
+            it (None: padding row, skipped).
+
+    Returns ``(y [T, D]`` in x's dtype with the activation applied, per sequence the full input
+    ``[W-1+n, D]`` in fp32, float64 for float64 inputs (to take the next window from))``.
+    """
+    f = _acc(x.dtype)
+    y = torch.zeros_like(x)
+    w = weight.to(f)[:, None, :]
+    b = bias.to(f) if bias is not None else None
+    fulls: list[torch.Tensor | None] = []
+    for i, prev in enumerate(windows):
+        start, end = cu[i], cu[i + 1]
+        if prev is None:
+            fulls.append(None)
+            continue
+        full = torch.cat([prev.to(f), x[start:end].to(f)], dim=0)
+        if end > start:
+            yi = F.conv1d(full.t()[None], w, b, groups=x.shape[1])[0].t()
+            y[start:end] = _activate(yi, activation).to(x.dtype)
+        fulls.append(full)
+    return y, fulls
+
+
+def _window(conv_state, meta, slot: int, has_initial_state: bool, W: int):
+    if not has_initial_state:
+        return conv_state.new_zeros(W - 1, conv_state.shape[-1])
+    off = int(meta[slot, META_CONV])
+    if off < 0:
+        raise RuntimeError(f"slot {slot}: conv window read while a verify is pending")
+    return conv_state[slot, off:off + W - 1]
+
+
+def varlen_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
+                blocks: torch.Tensor, cu_seqlens: torch.Tensor, num_decodes: int,
+                has_initial_state: torch.Tensor | None, x: torch.Tensor, b: torch.Tensor,
+                a: torch.Tensor) -> torch.Tensor:
+    """Decodes (first ``num_decodes`` rows, one token each) followed by prefill chunks (eager).
+
+    Args:
+        blocks: ``[R]`` block ids; cu_seqlens: ``[R+1]`` token boundaries in x;
+        has_initial_state: ``[R]`` bool (rows ``>= num_decodes`` are read) or None (all decodes).
+    """
+    R, W = blocks.shape[0], p.width
+    n_dec = num_decodes
+    slots = block_slots(blocks)
+    slot_list = slots.tolist()
+    cu = cu_seqlens[: R + 1].tolist()
+    n_dec_tok = cu[n_dec]
+    has_init = [True] * n_dec
+    if R > n_dec:
+        has_init += has_initial_state[n_dec:R].tolist()
+    # New sequences (and recomputed, preempted ones) start empty: their pages are reused.
+    fresh = [s for s, h in zip(slot_list, has_init) if s >= 0 and not h]
+    if fresh:
+        kernels.reset_slots(cache, torch.tensor(fresh, dtype=torch.int32, device=slots.device))
+    windows = [None if s < 0 else _window(conv_state, cache.meta, s, h, W)
+               for s, h in zip(slot_list, has_init)]
+    y, fulls = causal_conv1d_rows(x, p.conv_weight, p.conv_bias, cu, windows, p.activation)
+    for s, full in zip(slot_list, fulls):
+        if full is not None:
+            conv_state[s, :W - 1] = full[-(W - 1):].to(conv_state.dtype)
+            cache.meta[s, META_CONV] = 0
+    q, k, v, g, beta = qkv_gates(p, y, b, a)
+    out = torch.empty_like(v)
+    if n_dec:
+        out[:n_dec_tok] = kernels.decode(cache, slots[:n_dec], q[:n_dec_tok], k[:n_dec_tok],
+                                         v[:n_dec_tok], g[:n_dec_tok], beta[:n_dec_tok],
+                                         backend=p.backend)
+    if R > n_dec:
+        cu_pre = (cu_seqlens[n_dec: R + 1] - n_dec_tok).to(torch.int32)
+        out[n_dec_tok:] = kernels.prefill(cache, slots[n_dec:], q[n_dec_tok:], k[n_dec_tok:],
+                                          v[n_dec_tok:], g[n_dec_tok:], beta[n_dec_tok:],
+                                          cu_pre, backend=p.backend)
+    return out
+
+
+def spec_rows_varlen(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
+                     blocks: torch.Tensor, num_accepted: torch.Tensor, cu_seqlens: torch.Tensor,
+                     x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """Speculative rows with different numbers of tokens (eager): as :func:`spec_rows_uniform`,
+    verify grouped by length."""
+    n, W = blocks.shape[0], p.width
+    slots = block_slots(blocks)
+    accept_pending(cache, slots, num_accepted[:n], p.backend)
+    slot_list = slots.tolist()
+    cu = cu_seqlens[: n + 1].tolist()
+    windows = [None if s < 0 else _window(conv_state, cache.meta, s, True, W) for s in slot_list]
+    y, fulls = causal_conv1d_rows(x, p.conv_weight, p.conv_bias, cu, windows, p.activation)
+    cap = conv_state.shape[1]
+    for s, full in zip(slot_list, fulls):
+        if full is None:
+            continue
+        drop = full.shape[0] - min(full.shape[0], cap)
+        kept = full[drop:]
+        conv_state[s, :kept.shape[0]] = kept.to(conv_state.dtype)
+        cache.meta[s, META_CONV] = -(drop + 1)
+    q, k, v, g, beta = qkv_gates(p, y, b, a)
+    out = torch.zeros_like(v)
+    lens = [cu[i + 1] - cu[i] for i in range(n)]
+    for T in sorted(set(lens)):
+        members = [i for i in range(n) if lens[i] == T and slot_list[i] >= 0]
+        if not members or T == 0:
+            continue
+        tok = torch.tensor([cu[i] + t for i in members for t in range(T)],
+                           dtype=torch.long, device=x.device)
+        grp = torch.tensor(members, dtype=torch.long, device=x.device)
+        o = kernels.verify(cache, slots[grp],
+                           *(t[tok].reshape(len(members), T, *t.shape[1:])
+                             for t in (q, k, v, g, beta)),
+                           backend=p.backend)
+        out[tok] = o.reshape(len(members) * T, *o.shape[2:])
+    return out
