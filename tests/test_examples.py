@@ -1,13 +1,14 @@
 """The examples, run for real as subprocesses against tiny float32 checkpoints on the CPU.
 
-Each test starts one or two vLLM engines (or a ``vllm serve``): all are marked slow. Together
-about 2-3 minutes on 2 cores.
+The engine tests start one or two vLLM engines (or a ``vllm serve``) each and are marked slow:
+together about 2 minutes on 2 cores. The header/README checks take a second.
 """
 
 from __future__ import annotations
 
 import ast
 import contextlib
+import xml.dom.minidom
 import os
 import pathlib
 import re
@@ -25,7 +26,28 @@ EXAMPLES = ROOT / "examples"
 MODELS = ROOT / ".cache" / "models"
 VLLM = str(pathlib.Path(sys.executable).with_name("vllm"))
 
-pytestmark = pytest.mark.slow
+EXAMPLE_FILES = ["offline_generate.py", "openai_client.py", "spec_decode.py"]
+
+
+@pytest.mark.parametrize("name", EXAMPLE_FILES)
+def test_example_header_and_help(name):
+    """Each example says how to run it on a GPU and on the CPU, and parses its arguments with
+    argparse (``--help`` works without starting anything)."""
+    doc = ast.get_docstring(ast.parse((EXAMPLES / name).read_text()))
+    assert "On a GPU" in doc and "On the CPU" in doc, doc
+    assert f"examples/{name}" in doc, doc
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and "--model" in proc.stdout, proc.stdout + proc.stderr
+
+
+def test_readme_lists_the_examples_and_the_picture():
+    readme = (ROOT / "README.md").read_text()
+    for name in EXAMPLE_FILES + ["generate_tiny.py"]:
+        assert f"(examples/{name})" in readme, name
+    assert "(docs/kvbuffer.svg)" in readme
+    svg = xml.dom.minidom.parse(str(ROOT / "docs" / "kvbuffer.svg")).documentElement
+    assert svg.tagName == "svg" and svg.getAttribute("viewBox")
 
 
 def _run_example(name: str, *argv: str, timeout: int = 300) -> tuple[str, str, str]:
@@ -45,6 +67,7 @@ def _tiny_fp32(mtp: bool = False) -> str:
     return str(build_tiny_qwen3_next(MODELS / name, dtype="float32", mtp=mtp))
 
 
+@pytest.mark.slow
 def test_offline_generate():
     out, full, log = _run_example("offline_generate.py", "--max-tokens", "8", "--ignore-eos",
                                   "--kvbuffer-chunk-size", "4")
@@ -69,6 +92,7 @@ def cyclic_mtp_checkpoint():
                                   MODELS / "tiny-qwen3-next-mtp-fp32-cyclic-4", layer_scale=4.0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["ngram", "mtp"])
 def test_spec_decode_check_equals_greedy(cyclic_mtp_checkpoint, method):
     out, full, log = _run_example("spec_decode.py", "--method", method, "--model",
@@ -85,6 +109,7 @@ def test_spec_decode_check_equals_greedy(cyclic_mtp_checkpoint, method):
     assert re.search(r"^acceptance rate: 0\.\d+  mean acceptance length: \d\.\d\d$", out, re.M)
 
 
+@pytest.mark.slow
 def test_spec_decode_default_checkpoint():
     """As written in its docstring: the default (tiny, random, with an MTP layer) checkpoint."""
     _tiny_fp32(mtp=True)
@@ -133,6 +158,7 @@ def _vllm_serve(model: str, *argv: str, log_path: pathlib.Path, timeout: float =
         log.close()
 
 
+@pytest.mark.slow
 def test_openai_client_against_vllm_serve(tmp_path):
     log_path = tmp_path / "server.log"
     with _vllm_serve(_tiny_fp32(), "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "8",
