@@ -1,223 +1,261 @@
-"""KVBuffer decode vs flash-linear-attention's fused recurrent kernel, same card, same run.
+"""Decode: KVBuffer vs fla's fused recurrent kernel vs SGLang's ReplaySSM kernel, same card, same run.
 
-For each batch size, chunk size (flush interval C) and state dtype this times
+For each TP head split, state dtype, batch size and chunk size (flush interval C) this times
 - ``fla``: ``fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule`` (what vLLM's GDN decode
   derives from): reads the fp32 state and writes a new fp32 state every step;
+- ``stock``: our slot-indexed recurrent kernel (``benchmarks/baselines.py``, in place, vLLM layout),
+  the stock-style core the layer-stack benchmark uses; shown to check it against fla;
+- ``replayssm``: SGLang's ReplaySSM decode kernel run from its wheel (``benchmarks/replayssm.py``),
+  ring of 16, amortised over whole 16-step flush cycles (rows at staggered ring positions);
 - ``kvbuffer``: ``vllm_kvbuffer.kernels.decode`` (Triton), amortised over whole flush cycles: one
-  timed unit is C consecutive decode steps of every sequence (each sequence flushes once in it;
-  sequences start at staggered buffer positions, as in serving), reported per step.
-Both are captured in CUDA graphs (as vLLM runs decode), timed with CUDA events via
-``triton.testing.do_bench`` (median). Bytes come from the byte model of
-``shared/design/kvbuffer-math.md`` (minimum DRAM traffic); achieved bandwidth is reported against
-the measured device-to-device copy bandwidth (bytes read + written). Results go to JSON.
+  timed unit is C consecutive decode steps of every sequence (each flushes once in it; sequences
+  start at staggered buffer positions, as in serving), reported per step.
+Bytes: the byte models of ``benchmarks/common.py``; achieved bandwidth as a fraction of the
+measured device copy bandwidth. ``--smoke``: tiny shapes on the CPU (interpreted Triton), every
+output checked against the float64 recurrence.
 
 Usage: python benchmarks/bench_decode.py [--batch 1,8,64,512] [--chunk 8,16,32,64]
-       [--state-dtype fp32,bf16] [--tp 1,4] [--out benchmarks/results/decode-<card>.json]
+       [--state-dtype fp32,bf16] [--tp 1,4] [--out decode.json] [--plot] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
-import os
-import pathlib
-import platform
 import sys
 
 import torch
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+try:
+    from benchmarks import common
+except ImportError:  # run as a script
+    import pathlib
+    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+    from benchmarks import common
 
-QWEN3_NEXT = dict(H=16, HV=32, K=128, V=128)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+from benchmarks.common import DTYPES, bw_frac, time_ms
 
-
-def esz(dt):
-    return torch.empty((), dtype=dt).element_size()
-
-
-def copy_bandwidth(nbytes=1 << 30):
-    import triton.testing as tt
-    a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
-    b = torch.empty_like(a)
-    ms = tt.do_bench(lambda: b.copy_(a), warmup=50, rep=300, return_mode="median")
-    return 2 * nbytes / (ms * 1e-3)
+# Absolute tolerance on the max relative error vs the float64 recurrence (fp32 interpreter).
+SMOKE_TOL = 1e-4
 
 
-def graph_time(fn, reps_ms=100):
-    """Median ms of one replay of a CUDA graph capturing ``fn`` (after an eager warm-up)."""
-    import triton.testing as tt
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    return tt.do_bench(g.replay, warmup=25, rep=reps_ms, return_mode="median")
-
-
-def io_bytes(N, H, HV, K, V, in_dt=torch.bfloat16):
-    # q, k, v, o in the model dtype; g, beta fp32
-    return N * ((2 * H * K + 2 * HV * V) * esz(in_dt) + 2 * HV * 4)
-
-
-def model_bytes_recurrent(N, H, HV, K, V, state_dt):
-    s = HV * K * V * esz(state_dt)
-    return 2 * N * s + io_bytes(N, H, HV, K, V)
-
-
-def model_bytes_kvbuffer(N, H, HV, K, V, C, state_dt):
-    """Per decode step, amortised over a flush cycle: read S0 every step, write it once per C,
-    read the history rows (mean (C-1)/2 of them), append one row."""
-    s = HV * K * V * esz(state_dt)
-    row = H * K * 2 + HV * V * 4 + HV * 4
-    return N * (s * (1 + 1 / C) + row * (C - 1) / 2 + row) + io_bytes(N, H, HV, K, V)
-
-
-def make_inputs(N, H, HV, K, V, gen, n=1):
-    dev = "cuda"
+def make_steps(N, H, HV, K, V, n, dev, in_dt, gen):
     out = []
     for _ in range(n):
-        q = torch.randn(N, H, K, generator=gen, device=dev).to(torch.bfloat16)
-        k = torch.randn(N, H, K, generator=gen, device=dev).to(torch.bfloat16)
-        v = torch.randn(N, HV, V, generator=gen, device=dev).to(torch.bfloat16)
+        q = torch.randn(N, H, K, generator=gen, device=dev).to(in_dt)
+        k = torch.randn(N, H, K, generator=gen, device=dev).to(in_dt)
+        v = torch.randn(N, HV, V, generator=gen, device=dev).to(in_dt)
         g = -torch.rand(N, HV, generator=gen, device=dev) * 0.1
         b = torch.rand(N, HV, generator=gen, device=dev)
         out.append((q, k, v, g, b))
     return out
 
 
-def bench_fla(N, H, HV, K, V, state_dt, gen):
+def reference_cycle(h0_fla, steps):
+    """float64 outputs of the recurrence over the steps, from states ``[N, HV, K, V]``."""
+    from vllm_kvbuffer.kernels import recurrent_gated_delta_rule
+    S, outs = h0_fla.double(), []
+    for (q, k, v, g, b) in steps:
+        os_ = []
+        for n in range(q.shape[0]):
+            o, s = recurrent_gated_delta_rule(q[n:n + 1].double(), k[n:n + 1].double(),
+                                              v[n:n + 1].double(), g[n:n + 1].double(),
+                                              b[n:n + 1].double(), initial_state=S[n:n + 1])
+            S[n] = s[0]
+            os_.append(o[0])
+        outs.append(torch.stack(os_))
+    return outs
+
+
+def bench_fla(N, H, HV, K, V, dev, in_dt, gen):
     from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_fr
-    (q, k, v, g, b), = make_inputs(N, H, HV, K, V, gen)
-    h0 = torch.randn(N, HV, K, V, generator=gen, device="cuda").to(state_dt) * 0.01
+    (q, k, v, g, b), = make_steps(N, H, HV, K, V, 1, dev, in_dt, gen)
+    h0 = torch.randn(N, HV, K, V, generator=gen, device=dev) * 0.01
 
     def step():
         fla_fr(q[:, None], k[:, None], v[:, None], g=g[:, None], beta=b[:, None],
                initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
-    return graph_time(step)
+    return time_ms(step, dev), None
 
 
-def bench_kvbuffer(N, H, HV, K, V, C, state_dt, gen):
-    from vllm_kvbuffer.kernels import allocate_cache, decode, prefill, reset_slots
-    from vllm_kvbuffer.kernels import set_value_checks
+def bench_stock(N, H, HV, K, V, sdt, dev, in_dt, gen, check):
+    from benchmarks.baselines import recurrent_pool
+    pool = N + 7
+    state = (torch.randn(pool, HV, V, K, generator=gen, device=dev) * 0.05).to(sdt)
+    slots = torch.randperm(pool, device=dev)[:N].to(torch.int32)
+    steps = make_steps(N, H, HV, K, V, 3 if check else 1, dev, in_dt, gen)
+    err = None
+    if check:
+        ref = reference_cycle(state[slots.long()].transpose(-1, -2), steps)
+        err = max(common.rel_err(recurrent_pool(state, slots, slots[:, None], *(
+            x[:, None] for x in st))[:, 0], r) for st, r in zip(steps, ref))
+    q, k, v, g, b = (x[:, None] for x in steps[0])
+    return time_ms(lambda: recurrent_pool(state, slots, slots[:, None], q, k, v, g, b), dev), err
+
+
+def _raw_gates(N, HV, dev, gen):
+    """Raw ``a, b`` and ``A_log, dt_bias`` giving decays of the size the other paths use."""
+    a = torch.randn(N, HV, generator=gen, device=dev) - 4.0
+    b = torch.randn(N, HV, generator=gen, device=dev)
+    return a, b, torch.zeros(HV, device=dev), torch.zeros(HV, device=dev)
+
+
+def bench_replayssm(N, H, HV, K, V, sdt, dev, in_dt, gen, check):
+    from benchmarks.replayssm import RING, ReplayRing
+    pool = N + 7
+    slots = torch.randperm(pool, device=dev)[:N].to(torch.int32)
+    ring = ReplayRing(slots, pool, H, HV, K, V, dtype=in_dt, state_dtype=sdt, device=dev)
+    ring.state.copy_(torch.randn(pool, HV, V, K, generator=gen, device=dev) * 0.05)
+    dim = 2 * H * K + HV * V
+    steps = []
+    for _ in range(RING):
+        a, b, A_log, dt = _raw_gates(N, HV, dev, gen)
+        steps.append((torch.randn(N, dim, generator=gen, device=dev).to(in_dt), a, b))
+    out = torch.empty(N, 1, HV, V, dtype=in_dt, device=dev)
+    err = None
+    if check:
+        # Same inputs through SGLang's kernel and the float64 ring convention; then the ring
+        # convention is checked against the recurrence in tests/benchmarks (CPU).
+        twin = ReplayRing(slots, pool, H, HV, K, V, dtype=in_dt, state_dtype=torch.float64,
+                          device=dev, load=False)
+        twin.state.copy_(ring.state)
+        err = 0.0
+        for (x, a, b) in steps + steps[:3]:
+            ring.step(x, a, b, A_log, dt, out)
+            ref = twin.step_reference(x, a, b, A_log, dt)
+            err = max(err, common.rel_err(out[:, 0], ref))
+    # Stagger the rows' ring positions (as in serving); ring contents stay finite.
+    ring.write_pos.copy_(torch.arange(N, device=dev, dtype=torch.int32) % RING)
+
+    def cycle():
+        for (x, a, b) in steps:
+            ring.step(x, a, b, A_log, dt, out)
+    return time_ms(cycle, dev) / RING, err
+
+
+def bench_kvbuffer(N, H, HV, K, V, C, sdt, dev, in_dt, gen, check):
+    from vllm_kvbuffer.kernels import (allocate_cache, decode, materialize_state, prefill,
+                                       reset_slots, set_value_checks)
     pool = N + 7
     cache = allocate_cache(pool, num_k_heads=H, num_v_heads=HV, head_k_dim=K, head_v_dim=V,
-                           chunk_size=C, dtype=torch.bfloat16, state_dtype=state_dt,
-                           device="cuda")
-    slots = torch.randperm(pool, device="cuda")[:N].to(torch.int32)
+                           chunk_size=C, dtype=in_dt, state_dtype=sdt, device=dev)
+    slots = torch.randperm(pool, device=dev)[:N].to(torch.int32)
     reset_slots(cache, slots)
     # Every sequence gets a state and a staggered buffer position: C + r_i prompt tokens.
     lens = torch.randint(0, C, (N,), generator=torch.Generator().manual_seed(N)) + C
     T = int(lens.sum())
     cu = torch.zeros(N + 1, dtype=torch.int32)
     cu[1:] = torch.cumsum(lens, 0)
-    q = torch.randn(T, H, K, device="cuda").to(torch.bfloat16)
-    k = torch.randn(T, H, K, device="cuda").to(torch.bfloat16)
-    v = torch.randn(T, HV, V, device="cuda").to(torch.bfloat16)
+    q = torch.randn(T, H, K, device=dev).to(in_dt)
+    k = torch.randn(T, H, K, device=dev).to(in_dt)
+    v = torch.randn(T, HV, V, device=dev).to(in_dt)
     # Set-up only (not timed): the exact torch backend brings every slot to its position.
-    prefill(cache, slots, q, k, v, -torch.rand(T, HV, device="cuda") * 0.1,
-            torch.rand(T, HV, device="cuda"), cu.cuda(), backend="torch")
-    steps = make_inputs(N, H, HV, K, V, gen, n=C)
+    prefill(cache, slots, q, k, v, -torch.rand(T, HV, device=dev) * 0.1,
+            torch.rand(T, HV, device=dev), cu.to(dev), backend="torch")
+    steps = make_steps(N, H, HV, K, V, C, dev, in_dt, gen)
+    err = None
+    if check:
+        ref = reference_cycle(materialize_state(cache, slots), steps)
+        err = max(common.rel_err(decode(cache, slots, *st, backend="triton"), r)
+                  for st, r in zip(steps, ref))
 
     def cycle():
-        for (q1, k1, v1, g1, b1) in steps:
-            decode(cache, slots, q1, k1, v1, g1, b1, backend="triton")
+        for st in steps:
+            decode(cache, slots, *st, backend="triton")
     with set_value_checks(False):
-        ms = graph_time(cycle)
-    return ms / C
+        return time_ms(cycle, dev) / C, err
 
 
-def versions():
-    out = {"torch": torch.__version__, "python": platform.python_version()}
-    for mod in ("triton", "fla"):
-        try:
-            out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
-            out[mod] = f"unavailable: {e}"
-    return out
+def _try(fn, *a):
+    try:
+        return fn(*a) + (None,)
+    except Exception as e:  # noqa: BLE001
+        return float("nan"), None, f"{type(e).__name__}: {e}"[:400]
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", default="1,8,32,64,128,256,512")
     ap.add_argument("--chunk", default="8,16,32,64")
     ap.add_argument("--state-dtype", default="fp32,bf16")
-    ap.add_argument("--tp", default="1")
-    ap.add_argument("--sweep", action="store_true",
-                    help="also sweep decode launch configs at batch 128, C=16, fp32")
-    ap.add_argument("--out", default=None)
-    args = ap.parse_args()
-    if not torch.cuda.is_available():
-        sys.exit("bench_decode.py needs a CUDA device")
-    card = torch.cuda.get_device_name()
-    gen = torch.Generator(device="cuda").manual_seed(0)
-    bw = copy_bandwidth()
-    result = {"benchmark": "decode", "card": card, "date": datetime.datetime.now().isoformat(),
-              "versions": versions(), "copy_bandwidth_Bps": bw, "preset": QWEN3_NEXT, "rows": []}
-    out = pathlib.Path(args.out or ROOT / "benchmarks" / "results" /
-                       f"decode-{card.replace(' ', '_')}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    print(f"# {card}; copy bandwidth {bw / 1e12:.2f} TB/s; {result['versions']}")
-    print(f"{'tp':>2} {'state':>5} {'N':>4} {'C':>3} {'fla_us':>8} {'kvb_us':>8} {'ratio':>6} "
-          f"{'fla_bw%':>7} {'kvb_bw%':>7}")
-    for tp in [int(x) for x in args.tp.split(",")]:
-        H, HV, K, V = (QWEN3_NEXT["H"] // tp, QWEN3_NEXT["HV"] // tp, QWEN3_NEXT["K"],
-                       QWEN3_NEXT["V"])
-        for sname in args.state_dtype.split(","):
+    ap.add_argument("--tp", default="1,4")
+    common.add_common_args(ap)
+    args = ap.parse_args(argv)
+    if args.smoke:
+        common.smoke_env()
+        dev, preset, in_dt = "cpu", common.SMOKE, torch.float32
+        batches, chunks, sdts, tps = [3], [4], ["fp32"], [1]
+    else:
+        if not torch.cuda.is_available():
+            sys.exit("bench_decode.py needs a CUDA device (or --smoke)")
+        dev, preset, in_dt = "cuda", common.QWEN3_NEXT, torch.bfloat16
+        batches, chunks = common.ints(args.batch), common.ints(args.chunk)
+        sdts, tps = args.state_dtype.split(","), common.ints(args.tp)
+    gen = torch.Generator(device=dev).manual_seed(0)
+    res = common.header("decode", dev, args.smoke, preset)
+    res["replayssm_ring"] = 16
+    bw = res["copy_bandwidth_Bps"]
+    out = common.pathlib.Path(args.out) if args.out else common.default_out("decode", dev)
+    print(f"# {res['card']}; copy bandwidth {bw / 1e12:.2f} TB/s; {res['versions']}")
+    print(f"{'tp':>2} {'state':>5} {'N':>4} {'C':>3} {'fla_us':>8} {'replay':>8} {'kvb_us':>8} "
+          f"{'/fla':>6} {'/replay':>7} {'kvb_bw%':>7}")
+    check = args.smoke
+    for tp in tps:
+        H, HV, K, V = common.heads(tp, preset)
+        for sname in sdts:
             sdt = DTYPES[sname]
-            for N in [int(x) for x in args.batch.split(",")]:
-                try:
-                    t_fla = bench_fla(N, H, HV, K, V, torch.float32, gen)
-                except Exception as e:  # noqa: BLE001
-                    t_fla, fla_err = float("nan"), repr(e)[:300]
+            for N in batches:
+                if dev == "cuda":
+                    t_fla, _, fla_err = _try(bench_fla, N, H, HV, K, V, dev, in_dt, gen)
                 else:
-                    fla_err = None
-                b_fla = model_bytes_recurrent(N, H, HV, K, V, torch.float32)
-                for C in [int(x) for x in args.chunk.split(",")]:
-                    row = dict(tp=tp, state_dtype=sname, batch=N, chunk_size=C,
+                    t_fla, fla_err = float("nan"), "skipped in --smoke (fla runs on CUDA only)"
+                t_st, e_st, st_err = _try(bench_stock, N, H, HV, K, V, sdt, dev, in_dt, gen,
+                                          check)
+                t_rp, e_rp, rp_err = _try(bench_replayssm, N, H, HV, K, V, sdt, dev, in_dt, gen,
+                                          check or N == batches[0])
+                b_rec = common.bytes_recurrent(N, H, HV, K, V, torch.float32)
+                b_st = common.bytes_recurrent(N, H, HV, K, V, sdt)
+                b_rp = common.bytes_replayssm(N, H, HV, K, V, 16, sdt)
+                for C in chunks:
+                    t, e_kv, kv_err = _try(bench_kvbuffer, N, H, HV, K, V, C, sdt, dev, in_dt,
+                                           gen, check)
+                    b = common.bytes_kvbuffer(N, H, HV, K, V, C, sdt)
+                    row = dict(tp=tp, H=H, HV=HV, K=K, V=V, state_dtype=sname, batch=N,
+                               chunk_size=C,
                                fla_ms=t_fla, fla_state_dtype="fp32", fla_error=fla_err,
-                               fla_model_bytes=b_fla)
-                    try:
-                        t = bench_kvbuffer(N, H, HV, K, V, C, sdt, gen)
-                        b = model_bytes_kvbuffer(N, H, HV, K, V, C, sdt)
-                        row.update(kvbuffer_ms=t, kvbuffer_model_bytes=b,
-                                   ratio_vs_fla=t / t_fla,
-                                   fla_bw_frac=b_fla / (t_fla * 1e-3) / bw,
-                                   kvbuffer_bw_frac=b / (t * 1e-3) / bw)
-                        print(f"{tp:>2} {sname:>5} {N:>4} {C:>3} {t_fla * 1e3:8.1f} "
-                              f"{t * 1e3:8.1f} {t / t_fla:6.3f} {row['fla_bw_frac'] * 100:6.1f}% "
-                              f"{row['kvbuffer_bw_frac'] * 100:6.1f}%", flush=True)
-                    except Exception as e:  # noqa: BLE001
-                        row["kvbuffer_error"] = repr(e)[:500]
-                        print(f"{tp:>2} {sname:>5} {N:>4} {C:>3} ERROR {e!r}"[:300], flush=True)
-                    result["rows"].append(row)
-                    out.write_text(json.dumps(result, indent=1))
-    if args.sweep:
-        from vllm_kvbuffer.kernels import triton_impl
-        result["sweep"] = []
-        H, HV, K, V = (QWEN3_NEXT[x] for x in ("H", "HV", "K", "V"))
-        for BV in (16, 32):
-            for nw in (4, 8):
-                for flush_dot in (False, True):
-                    cfg = dict(BV=BV, num_warps=nw, flush_dot=flush_dot)
-                    triton_impl.CONFIG_OVERRIDE.clear()
-                    triton_impl.CONFIG_OVERRIDE["decode"] = cfg
-                    for N in (8, 128):
-                        try:
-                            t = bench_kvbuffer(N, H, HV, K, V, 16, torch.float32, gen)
-                            result["sweep"].append(dict(cfg, batch=N, ms=t))
-                            print(f"sweep N={N} {cfg}: {t * 1e3:.1f} us", flush=True)
-                        except Exception as e:  # noqa: BLE001
-                            result["sweep"].append(dict(cfg, batch=N, error=repr(e)[:300]))
-        triton_impl.CONFIG_OVERRIDE.clear()
-        out.write_text(json.dumps(result, indent=1))
+                               fla_model_bytes=b_rec, fla_bw_frac=bw_frac(b_rec, t_fla, bw),
+                               stock_ms=t_st, stock_model_bytes=b_st,
+                               stock_bw_frac=bw_frac(b_st, t_st, bw), stock_error=st_err,
+                               stock_max_rel_err=e_st,
+                               replayssm_ms=t_rp, replayssm_model_bytes=b_rp,
+                               replayssm_bw_frac=bw_frac(b_rp, t_rp, bw),
+                               replayssm_error=rp_err, replayssm_max_rel_err=e_rp,
+                               kvbuffer_ms=t, kvbuffer_model_bytes=b,
+                               kvbuffer_bw_frac=bw_frac(b, t, bw), kvbuffer_error=kv_err,
+                               kvbuffer_max_rel_err=e_kv,
+                               ratio_vs_fla=t / t_fla, ratio_vs_replayssm=t / t_rp)
+                    res["rows"].append(row)
+                    common.save(res, out)
+                    print(f"{tp:>2} {sname:>5} {N:>4} {C:>3} {t_fla * 1e3:8.1f} {t_rp * 1e3:8.1f} "
+                          f"{t * 1e3:8.1f} {t / t_fla:6.3f} {t / t_rp:7.3f} "
+                          f"{(row['kvbuffer_bw_frac'] or float('nan')) * 100:6.1f}%", flush=True)
+                    for name, e in (("fla", fla_err), ("stock", st_err), ("replayssm", rp_err),
+                                    ("kvbuffer", kv_err)):
+                        if e and not e.startswith("skipped"):
+                            print(f"   {name}: {e[:200]}", flush=True)
+    if args.smoke:
+        errs = {k: r[k] for r in res["rows"] for k in r if k.endswith("max_rel_err")
+                and r[k] is not None}
+        res["smoke_check"] = dict(errs, tolerance=SMOKE_TOL,
+                                  passed=all(e < SMOKE_TOL for e in errs.values()))
+        common.save(res, out)
+        print("smoke check:", res["smoke_check"])
+    if args.plot:
+        common.plot(res, out.with_suffix(".png"), x="batch",
+                    series={"fla": "fla_ms", "ReplaySSM (SGLang)": "replayssm_ms",
+                            "stock (ours)": "stock_ms", "KVBuffer": "kvbuffer_ms"},
+                    title="GDN decode per step", group=("tp", "state_dtype", "chunk_size"))
     print(f"saved {out}")
+    return res
 
 
 if __name__ == "__main__":

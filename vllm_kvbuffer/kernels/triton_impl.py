@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from . import tuning
 from .cache import KVBufferCache
 
 _MODE_DECODE, _MODE_VERIFY, _MODE_ACCEPT = 0, 1, 2
@@ -45,6 +46,15 @@ def _pow2(x: int, lo: int = 16) -> int:
 # Benchmarks and the tuning script may pin launch parameters here, per kernel kind:
 # {"decode": {"BV": .., "num_warps": .., "splits": .., "flush_dot": ..}, "block": {...}, ...}.
 CONFIG_OVERRIDE: dict = {}
+
+
+def tuning_shape(cache: KVBufferCache, kind: str) -> dict:
+    """The shape keys a tuned config is chosen by (see :mod:`.tuning`)."""
+    shape = dict(H=cache.num_k_heads, HV=cache.num_v_heads, K=cache.head_k_dim,
+                 V=cache.head_v_dim, state_dtype=str(cache.state_dtype).replace("torch.", ""))
+    if kind == "decode":
+        shape["C"] = cache.chunk_size
+    return shape
 
 
 def launch_config(cache: KVBufferCache, kind: str = "decode", batch: int | None = None) -> dict:
@@ -67,6 +77,8 @@ def launch_config(cache: KVBufferCache, kind: str = "decode", batch: int | None 
     else:
         BV = min(_pow2(V), 16 if BK >= 128 else 32)
         cfg = dict(BK=BK, BV=BV, num_warps=4)
+    # Per-device tuned configs (benchmarks/tune.py) refine the defaults; overrides win over both.
+    cfg.update(tuning.lookup(kind, tuning_shape(cache, kind), batch, cache.device))
     cfg.update(CONFIG_OVERRIDE.get(kind, {}))
     return cfg
 

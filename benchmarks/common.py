@@ -1,0 +1,249 @@
+"""Shared pieces of the benchmarks: byte models, timing, environment record, JSON and plots.
+
+Byte models (``shared/design/kvbuffer-math.md`` section 3), per decode step, all sequences of one
+GDN layer, minimum DRAM traffic (each byte the algorithm must touch, counted once):
+
+- ``s  = HV * K * V * state_bytes``                 one request's state
+- ``row = H * K * 2 + HV * V * 4 + HV * 4``         one buffered token: bf16 raw key per key head,
+  fp32 corrected value ``u`` per value head, fp32 cumulative decay ``G`` per value head
+- ``io = (2 H K + 2 HV V) * 2 + 2 HV * 4``           q, k, v, o in bf16; g, beta in fp32
+
+recurrent (fla / stock)   : N (2 s + io)
+KVBuffer, flush interval C: N (s (1 + 1/C) + row (C-1)/2 + row + io)   (mean over a flush cycle)
+ReplaySSM ring of R      : the same formula with C = R (read S0 every step, write it once per R
+                            steps, read on average (R-1)/2 ring rows, append one)
+short context, L buffered : N (L row + row + io)                       (no state read or written)
+verify T = D+1, KVBuffer  : N (s (1 + a/C) + L row + T row + T io)    (one S0 read, T rows appended,
+                            a accepted tokens per step on average: a flush every C/a steps)
+verify, per-draft states  : N (s + T s + T io)                         (read S0, write T states)
+
+Timing on a GPU: the work is captured in a CUDA graph (as vLLM runs decode) and the graph replay
+is timed with CUDA events (``triton.testing.do_bench``, median). ``--smoke`` runs on the CPU with
+``TRITON_INTERPRET=1`` at tiny shapes: it proves the script runs and checks every output against
+the float64 recurrence; its "times" are wall-clock seconds of the interpreter, not performance.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import platform
+import sys
+import time
+
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+QWEN3_NEXT = dict(H=16, HV=32, K=128, V=128)
+# Tiny shapes for --smoke (interpreted Triton on the CPU).
+SMOKE = dict(H=2, HV=4, K=16, V=16)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+ROW_BYTES_FORMULA = "H*K*2 + HV*V*4 + HV*4"
+
+
+def esz(dt: torch.dtype) -> int:
+    return torch.empty((), dtype=dt).element_size()
+
+
+def heads(tp: int, preset: dict = QWEN3_NEXT) -> tuple[int, int, int, int]:
+    """(H, HV, K, V) of one rank when the heads are split over ``tp`` ranks."""
+    return preset["H"] // tp, preset["HV"] // tp, preset["K"], preset["V"]
+
+
+# ------------------------------------------------------------------------------------------------
+# byte models (see the module docstring)
+# ------------------------------------------------------------------------------------------------
+def state_bytes(HV, K, V, state_dt) -> int:
+    return HV * K * V * esz(state_dt)
+
+
+def row_bytes(H, HV, K, V) -> int:
+    return H * K * 2 + HV * V * 4 + HV * 4
+
+
+def io_bytes(N, H, HV, K, V, T=1, in_dt=torch.bfloat16) -> int:
+    return N * T * ((2 * H * K + 2 * HV * V) * esz(in_dt) + 2 * HV * 4)
+
+
+def bytes_recurrent(N, H, HV, K, V, state_dt) -> float:
+    return 2 * N * state_bytes(HV, K, V, state_dt) + io_bytes(N, H, HV, K, V)
+
+
+def bytes_kvbuffer(N, H, HV, K, V, C, state_dt) -> float:
+    s, row = state_bytes(HV, K, V, state_dt), row_bytes(H, HV, K, V)
+    return N * (s * (1 + 1 / C) + row * (C - 1) / 2 + row) + io_bytes(N, H, HV, K, V)
+
+
+def bytes_replayssm(N, H, HV, K, V, R, state_dt) -> float:
+    return bytes_kvbuffer(N, H, HV, K, V, R, state_dt)
+
+
+def bytes_short_context(N, H, HV, K, V, L) -> float:
+    return N * (L * row_bytes(H, HV, K, V) + row_bytes(H, HV, K, V)) + io_bytes(N, H, HV, K, V)
+
+
+def bytes_verify_kvbuffer(N, H, HV, K, V, T, L, state_dt, C=16, accepted=0.0) -> float:
+    s, row = state_bytes(HV, K, V, state_dt), row_bytes(H, HV, K, V)
+    return N * (s * (1 + accepted / C) + L * row + T * row) + io_bytes(N, H, HV, K, V, T)
+
+
+def bytes_verify_per_draft(N, H, HV, K, V, T, state_dt) -> float:
+    s = state_bytes(HV, K, V, state_dt)
+    return N * (s + T * s) + io_bytes(N, H, HV, K, V, T)
+
+
+# ------------------------------------------------------------------------------------------------
+# device, timing
+# ------------------------------------------------------------------------------------------------
+def smoke_env() -> None:
+    """--smoke runs Triton interpreted on the CPU; the flag must be set before kernels load."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
+    """Bytes read + written per second of a device-to-device copy (the achievable ceiling)."""
+    if device == "cuda":
+        import triton.testing as tt
+        a = torch.empty(nbytes // 4, dtype=torch.float32, device="cuda").uniform_()
+        b = torch.empty_like(a)
+        ms = tt.do_bench(lambda: b.copy_(a), warmup=50, rep=200, return_mode="median")
+        return 2 * nbytes / (ms * 1e-3)
+    a = torch.rand((16 << 20) // 4)
+    b = torch.empty_like(a)
+    t0 = time.perf_counter()
+    for _ in range(5):
+        b.copy_(a)
+    return 2 * 5 * a.numel() * 4 / (time.perf_counter() - t0)
+
+
+def time_ms(fn, device: str, reps_ms: int = 60) -> float:
+    """Median milliseconds of one call of ``fn``.
+
+    CUDA: ``fn`` is captured in a CUDA graph after two eager warm-up calls (which also compile);
+    the replay is timed with CUDA events. CPU (smoke): wall time of one call after one warm-up.
+    ``fn`` must be safe to call repeatedly (state it mutates is allowed to drift).
+    """
+    if device != "cuda":
+        fn()
+        t0 = time.perf_counter()
+        fn()
+        return (time.perf_counter() - t0) * 1e3
+    import triton.testing as tt
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    ms = tt.do_bench(g.replay, warmup=10, rep=reps_ms, return_mode="median")
+    del g
+    return ms
+
+
+def bw_frac(nbytes: float, ms: float, copy_bw: float) -> float | None:
+    if not ms or ms != ms or not copy_bw:
+        return None
+    return nbytes / (ms * 1e-3) / copy_bw
+
+
+def card_name(device: str) -> str:
+    if device == "cuda":
+        return torch.cuda.get_device_name()
+    return f"cpu ({platform.processor() or platform.machine()}, Triton interpreter)"
+
+
+def versions() -> dict:
+    out = {"torch": torch.__version__, "python": platform.python_version()}
+    for mod in ("triton", "fla"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception as e:  # noqa: BLE001
+            out[mod] = f"unavailable: {type(e).__name__}"
+    try:
+        from benchmarks.replayssm import sglang_version
+        out["sglang (ReplaySSM kernel)"] = sglang_version()
+    except Exception as e:  # noqa: BLE001
+        out["sglang (ReplaySSM kernel)"] = f"unavailable: {type(e).__name__}"
+    return out
+
+
+def header(name: str, device: str, smoke: bool, preset: dict) -> dict:
+    return {"benchmark": name, "card": card_name(device), "device": device, "smoke": smoke,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "versions": versions(), "copy_bandwidth_Bps": copy_bandwidth(device),
+            "preset": preset, "byte_model": "benchmarks/common.py (shared/design/kvbuffer-math.md"
+            f" section 3; row = {ROW_BYTES_FORMULA})", "rows": []}
+
+
+def save(result: dict, out: pathlib.Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1, default=str))
+
+
+def default_out(name: str, device: str) -> pathlib.Path:
+    card = card_name(device) if device == "cuda" else "cpu-smoke"
+    return ROOT / "benchmarks" / "results" / f"{name}-{card.replace(' ', '_')}.json"
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
+    return float((a - b).norm() / b.norm().clamp_min(1e-30))
+
+
+def plot(result: dict, out_png: pathlib.Path, *, x: str, series: dict, title: str,
+         group: tuple = (), logy: bool = True) -> pathlib.Path | None:
+    """Line plot of ``series`` (label -> row key, milliseconds) against row key ``x``, one panel
+    per distinct value of the ``group`` row keys. matplotlib is optional: imported here only."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("--plot needs matplotlib (pip install matplotlib); JSON saved, no PNG drawn",
+              file=sys.stderr)
+        return None
+    rows = result["rows"]
+    keys = sorted({tuple(r.get(g) for g in group) for r in rows}, key=str)
+    fig, axes = plt.subplots(1, len(keys), figsize=(4.5 * len(keys), 3.6), squeeze=False)
+    for ax, key in zip(axes[0], keys):
+        sel = [r for r in rows if tuple(r.get(g) for g in group) == key]
+        for label, col in series.items():
+            pts = sorted((r[x], r[col] * 1e3) for r in sel
+                         if isinstance(r.get(col), (int, float)) and r[col] == r[col])
+            pts = list(dict(pts).items())
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label)
+        ax.set_xscale("log", base=2)
+        if logy:
+            ax.set_yscale("log")
+        ax.set_xlabel(x)
+        ax.set_ylabel("us")
+        ax.set_title(", ".join(f"{g}={v}" for g, v in zip(group, key)), fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{title} - {result['card']}", fontsize=10)
+    fig.tight_layout()
+    out_png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out_png, dpi=110)
+    plt.close(fig)
+    print(f"plot {out_png}")
+    return out_png
+
+
+def add_common_args(ap) -> None:
+    ap.add_argument("--smoke", action="store_true",
+                    help="tiny shapes on the CPU (TRITON_INTERPRET=1), checked against float64")
+    ap.add_argument("--out", default=None, help="JSON path")
+    ap.add_argument("--plot", action="store_true", help="also draw a PNG next to the JSON")
+
+
+def ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x]
