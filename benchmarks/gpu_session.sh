@@ -50,8 +50,9 @@ step layer_stack "${STACK_TIMEOUT:-60}" python3 benchmarks/bench_layer_stack.py 
 step tune "${TUNE_TIMEOUT:-70}" python3 benchmarks/tune.py --batch 8,128 --tp 1,4 \
   --out "$OUT/tuned_configs.json"
 echo "== GPU tests (t=$(( $(date +%s) - T0 ))s)"
-timeout "${TEST_TIMEOUT:-90}" python3 -m pytest -q -p no:cacheprovider -rA \
+timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -rA \
   tests/kernels/test_triton_gpu.py tests/kernels/test_triton_interpreted.py \
+  tests/model_executor/test_gdn_core_gpu.py \
   > "$OUT/gpu_tests.log" 2>&1
 echo "tests exit: $?"
 grep -E "passed|failed|PASSED|FAILED|Error" "$OUT/gpu_tests.log" | tail -25
