@@ -176,3 +176,19 @@ def test_openai_client_against_vllm_serve(tmp_path):
     assert stream and int(stream.group(2)) >= 2, log
     assert ast.literal_eval(stream.group(1)) == ast.literal_eval(text.group(1)), log
     assert "[stream] equals the completion: True" in out, log
+
+
+@pytest.mark.slow
+def test_ray_tp_serve():
+    """Tensor parallel 2 through vLLM's Ray executor on a local Ray head the example starts and
+    stops itself; the plugin is active on both ranks (Ray forwards the workers' logs)."""
+    out, full, log = _run_example("ray_tp_serve.py", "--max-tokens", "8", timeout=400)
+    assert len(re.findall(r"^\[TP2/ray\] '.*' -> '.+'$", out, re.M)) == 2, log
+    assert out.rstrip().endswith("ray_tp_serve: ok, 2 prompts, 8 tokens each, "
+                                 "tensor_parallel_size=2 over Ray"), log
+    ranks = set(re.findall(r"\((Worker_TP\d) pid=\d+\).*KVBuffer active: chunk_size=4, "
+                           r"backend=\w+, \d+ GDN layers on this rank", full))
+    assert ranks == {"Worker_TP0", "Worker_TP1"}, log
+    left = subprocess.run(["pgrep", "-f", str(ROOT / ".cache" / "ray-")], capture_output=True,
+                          text=True)
+    assert left.stdout.strip() == "", f"Ray processes left running: {left.stdout}"
