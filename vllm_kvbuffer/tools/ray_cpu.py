@@ -11,9 +11,11 @@ provides as a plain counted resource (nothing uses CUDA; the CPU torch build ign
 ``CUDA_VISIBLE_DEVICES``).
 
 It has to run in the process that creates the executor (:func:`enable`, before the engine
-starts) and in every Ray worker before vLLM asks it for its device ids
-(:data:`WORKER_SETUP_HOOK`, a Ray ``worker_process_setup_hook``: :func:`init_ray` passes it). On
-CUDA this module is never needed and :func:`enable` does nothing.
+starts; in a ``vllm serve`` engine-core process through the plugin, ``VLLM_KVBUFFER_RAY_CPU=1``,
+patch P4) and in every Ray worker before vLLM asks it for its device ids
+(:data:`WORKER_SETUP_HOOK`, a Ray ``worker_process_setup_hook``: :func:`init_ray` passes it).
+``python -m vllm_kvbuffer.tools.ray_cpu serve ...`` (:func:`main`) is ``vllm serve`` with all of
+that applied. On CUDA this module is never needed and :func:`enable` does nothing.
 
 The KVBuffer plugin itself is loaded in the Ray workers by vLLM, as on a GPU cluster; nothing
 here touches it.
@@ -54,3 +56,28 @@ def init_ray(address: str | None = None, **kwargs) -> None:
     runtime_env.setdefault("worker_process_setup_hook", WORKER_SETUP_HOOK)
     ray.init(address=address or os.environ.get("RAY_ADDRESS"), runtime_env=runtime_env, **kwargs)
     enable()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m vllm_kvbuffer.tools.ray_cpu serve MODEL ... --distributed-executor-backend ray``
+    on a CPU machine: vLLM's own CLI, with the aid applied in each of its processes.
+
+    - this (API server) process: :func:`init_ray` connects to ``RAY_ADDRESS`` with the worker
+      hook; vLLM copies that runtime env into its engine config, so the Ray workers it starts for
+      the ranks run the hook;
+    - the engine-core process vLLM spawns: ``VLLM_KVBUFFER_RAY_CPU=1`` (set here, inherited) makes
+      the plugin's ``register()`` apply :func:`enable` there (patch P4 in
+      :mod:`vllm_kvbuffer.patches`).
+    """
+    import sys
+
+    os.environ.setdefault("VLLM_KVBUFFER_RAY_CPU", "1")
+    init_ray()
+    from vllm.entrypoints.cli.main import main as vllm_main
+
+    sys.argv = ["vllm", *(sys.argv[1:] if argv is None else argv)]
+    vllm_main()
+
+
+if __name__ == "__main__":
+    main()
