@@ -9,22 +9,18 @@ from __future__ import annotations
 import ast
 import contextlib
 import xml.dom.minidom
-import os
 import pathlib
 import re
-import signal
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 
 import pytest
+
+from .servers import vllm_server
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
 MODELS = ROOT / ".cache" / "models"
-VLLM = str(pathlib.Path(sys.executable).with_name("vllm"))
 
 EXAMPLE_FILES = ["offline_generate.py", "openai_client.py", "spec_decode.py"]
 
@@ -119,43 +115,11 @@ def test_spec_decode_default_checkpoint():
     assert re.search(r"^drafts: \d+  draft tokens: \d+  accepted tokens: \d+$", out, re.M), log
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _vllm_serve(model: str, *argv: str, log_path: pathlib.Path, timeout: float = 240):
     """A real ``vllm serve`` on 127.0.0.1 (free port); yields the OpenAI API root URL."""
-    port = _free_port()
-    log = open(log_path, "w+")
-    server = subprocess.Popen(
-        [VLLM, "serve", model, *argv, "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), start_new_session=True,
-        env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            assert server.poll() is None, log_path.read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"server did not come up in {timeout} s"
-            time.sleep(1)
+    with vllm_server([model, *argv], log_path=log_path, timeout=timeout) as base:
         yield base + "/v1"
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
 
 
 @pytest.mark.slow

@@ -1,20 +1,14 @@
 """``--load-plugin kvbuffer`` through vLLM's real parser, and a real ``vllm serve`` on 127.0.0.1."""
 
-import argparse
 import json
-import os
 import pathlib
-import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-VLLM = str(pathlib.Path(sys.executable).with_name("vllm"))
+from ..servers import VLLM, vllm_server
 
 
 def _parser():
@@ -77,12 +71,6 @@ def test_patches_are_idempotent():
     assert sum(a.dest == "load_plugin" for a in parser._actions) == 1
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(url, body, timeout=120):
     req = urllib.request.Request(url, data=json.dumps(body).encode(),
                                  headers={"Content-Type": "application/json"})
@@ -121,28 +109,10 @@ def test_vllm_serve_bad_settings_fail_at_startup(tiny_fp32, argv, match):
 @pytest.mark.slow
 def test_vllm_serve_with_load_plugin(tiny_fp32, tmp_path):
     """vLLM's defaults (prefix caching on, multiprocess engine) plus the plugin flags."""
-    port = _free_port()
-    log = open(tmp_path / "server.log", "w+")
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
-    server = subprocess.Popen(
-        [VLLM, "serve", tiny_fp32, "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "8",
-         "--dtype", "float32", "--enforce-eager",
-         "--max-model-len", "512", "--host", "127.0.0.1", "--port", str(port),
-         "--served-model-name", "tiny"],
-        stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT), env=env, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 240
-        while True:
-            assert server.poll() is None, (tmp_path / "server.log").read_text()[-4000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, "server did not come up in 240 s"
-            time.sleep(1)
+    log_path = tmp_path / "server.log"
+    with vllm_server([tiny_fp32, "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "8",
+                      "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+                      "--served-model-name", "tiny"], log_path=log_path) as base:
         body = {"model": "tiny", "prompt": "Hello world, the quick brown fox", "max_tokens": 24,
                 "temperature": 0, "ignore_eos": True}
         comp = json.loads(_post(base + "/v1/completions", body))
@@ -158,15 +128,7 @@ def test_vllm_serve_with_load_plugin(tiny_fp32, tmp_path):
                   if line.startswith("data: ") and line != "data: [DONE]"]
         assert len(chunks) >= 2 and stream.rstrip().endswith("data: [DONE]")
         assert "".join(c["choices"][0]["text"] for c in chunks) == text
-    finally:
-        os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-    log.seek(0)
-    assert "KVBuffer active: chunk_size=8, backend=auto, 3 GDN layers" in log.read()
+    assert "KVBuffer active: chunk_size=8, backend=auto, 3 GDN layers" in log_path.read_text()
 
 
 def test_plugin_env_vars_are_declared_to_vllm(monkeypatch):

@@ -12,20 +12,18 @@ one Ray actor per rank, vLLM's worker loop, gloo collectives), so this is the co
 cluster runs, minus CUDA.
 """
 
-import contextlib
 import json
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 import urllib.request
 
 import pytest
 
 from .conftest import run_engine
-from .ray_cluster import LocalRayCluster, free_port
+from ..servers import vllm_server
+from .ray_cluster import LocalRayCluster
 
 PROMPTS = ["Hello world, the quick brown fox", "a b"]
 KVB = {"kvbuffer": {"chunk_size": 4}}
@@ -137,45 +135,17 @@ def test_ray_tensor_parallel_2_matches_tp1(tiny_fp32, ray_cluster, tp1_outputs):
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 5e-5
 
 
-@contextlib.contextmanager
-def _serve_over_ray(model: str, cluster: LocalRayCluster, log_path, timeout: float = 300):
+def _serve_over_ray(model: str, cluster: LocalRayCluster, log_path):
     """``vllm serve MODEL --load-plugin kvbuffer --tensor-parallel-size 2
     --distributed-executor-backend ray`` on 127.0.0.1, through ``python -m
-    vllm_kvbuffer.tools.ray_cpu`` (vLLM's CLI with the CPU aid applied); yields the base URL."""
-    port = free_port()
-    log = open(log_path, "w+")
-    server = subprocess.Popen(
-        [sys.executable, "-m", "vllm_kvbuffer.tools.ray_cpu", "serve", model,
-         "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "4", "--dtype", "float32",
+    vllm_kvbuffer.tools.ray_cpu`` (vLLM's CLI with the CPU aid applied)."""
+    return vllm_server(
+        [model, "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "4", "--dtype", "float32",
          "--enforce-eager", "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
-         "--max-model-len", "512", "--max-num-seqs", "4", "--host", "127.0.0.1",
-         "--port", str(port)],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        env=dict(os.environ, RAY_ADDRESS=cluster.address, RAY_DEDUP_LOGS="0",
-                 VLLM_CPU_OMP_THREADS_BIND="0|1", VLLM_CPU_KVCACHE_SPACE="1"))
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            assert server.poll() is None, open(log_path).read()[-4000:]
-            try:
-                with urllib.request.urlopen(base + "/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            assert time.time() < deadline, f"server did not come up in {timeout} s"
-            time.sleep(1)
-        yield base
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGINT)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        log.close()
+         "--max-model-len", "512", "--max-num-seqs", "4"],
+        launcher=[sys.executable, "-m", "vllm_kvbuffer.tools.ray_cpu"], log_path=log_path,
+        timeout=300, env=dict(RAY_ADDRESS=cluster.address, RAY_DEDUP_LOGS="0",
+                              VLLM_CPU_OMP_THREADS_BIND="0|1"))
 
 
 @pytest.mark.slow
