@@ -165,6 +165,29 @@ def greedy_cyclic(tiny_cyclic_mtp_fp32):
     return outs
 
 
+def test_speculative_decoding_with_chunked_prefill_and_concurrency(tiny_cyclic_mtp_fp32):
+    """MTP drafts for 8 concurrent requests (1 to 70 prompt tokens) with a 16-token batch budget:
+    prefill chunks share batches with speculative rows, drafts get trimmed to the budget, and
+    rows of a request move between steps. Tokens equal non-speculative greedy decoding; the
+    kernels' value checks (pending tokens, accepted counts, capacity) stay on."""
+    import random
+
+    rng = random.Random(0)
+    prompts = [[rng.randrange(5, 200) for _ in range(n)] for n in (3, 40, 9, 70, 1, 25, 13, 55)]
+    spec = dict(model=tiny_cyclic_mtp_fp32, prompts=prompts, max_tokens=60, max_num_seqs=8,
+                additional_config={"kvbuffer": {"chunk_size": 4}})
+    greedy, _ = run_engine(spec)
+    outs, proc = run_engine(dict(spec, max_num_batched_tokens=16, metrics=True,
+                                 speculative_config={"method": "mtp",
+                                                     "num_speculative_tokens": 3}),
+                            env={"VLLM_KVBUFFER_VALUE_CHECKS": "1"})
+    assert [o["token_ids"] for o in outs] == [o["token_ids"] for o in greedy]
+    m = proc.info["metrics"]
+    drafted, accepted = (m["vllm:spec_decode_num_draft_tokens"],
+                         m["vllm:spec_decode_num_accepted_tokens"])
+    assert 0 < accepted < drafted, m
+
+
 @pytest.mark.parametrize("method", ["ngram", "mtp"])
 def test_speculative_decoding_matches_greedy(tiny_cyclic_mtp_fp32, greedy_cyclic, method):
     """Drafts verified in parallel from state + buffer, committed by accept (a cursor move):
