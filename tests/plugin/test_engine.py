@@ -260,3 +260,21 @@ def test_preemption_recompute_matches_alone(tiny_fp32):
     assert proc.info["metrics"]["vllm:num_preemptions"] >= 1, proc.info["metrics"]
     for a, b in zip(tight, alone):
         assert a["token_ids"] == b["token_ids"]
+
+
+def test_preemption_with_speculative_decoding_matches_alone(tiny_cyclic_mtp_fp32):
+    """The same squeeze with MTP drafts: requests are preempted while they hold tentative
+    (verified, not yet accepted) tokens; recomputed, they get exactly their solo tokens."""
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(10, 200, (n,), generator=g).tolist()
+               for n in (200, 150, 230, 90, 180, 120)]
+    spec = dict(model=tiny_cyclic_mtp_fp32, prompts=prompts, max_tokens=120, max_model_len=512,
+                additional_config={"kvbuffer": {"chunk_size": 8}})
+    tight, proc = run_engine(dict(spec, max_num_seqs=6, num_gpu_blocks_override=12, metrics=True,
+                                  speculative_config={"method": "mtp",
+                                                      "num_speculative_tokens": 3}))
+    alone, _ = run_engine(dict(spec, max_num_seqs=1))
+    m = proc.info["metrics"]
+    assert m["vllm:num_preemptions"] >= 1, m
+    assert 0 < m["vllm:spec_decode_num_accepted_tokens"] < m["vllm:spec_decode_num_draft_tokens"]
+    assert [a["token_ids"] for a in tight] == [b["token_ids"] for b in alone]
