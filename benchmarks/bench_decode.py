@@ -180,14 +180,10 @@ def main(argv=None):
     ap.add_argument("--tp", default="1,4")
     common.add_common_args(ap)
     args = ap.parse_args(argv)
+    dev, preset, in_dt = common.device_setup(args, "bench_decode.py")
     if args.smoke:
-        common.smoke_env()
-        dev, preset, in_dt = "cpu", common.SMOKE, torch.float32
         batches, chunks, sdts, tps = [3], [4], ["fp32"], [1]
     else:
-        if not torch.cuda.is_available():
-            sys.exit("bench_decode.py needs a CUDA device (or --smoke)")
-        dev, preset, in_dt = "cuda", common.QWEN3_NEXT, torch.bfloat16
         batches, chunks = common.ints(args.batch), common.ints(args.chunk)
         sdts, tps = args.state_dtype.split(","), common.ints(args.tp)
     gen = torch.Generator(device=dev).manual_seed(0)

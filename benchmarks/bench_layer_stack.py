@@ -151,7 +151,7 @@ def run(core, layers, N, H, HV, K, V, sdt, dev, in_dt, gen, check, C=C):
     from vllm_kvbuffer.kernels import set_value_checks
     with set_value_checks(False):
         t = time_ms(cycle, dev, reps_ms=100) / C
-    del st
+    st = None  # drop the pools before the next batch size
     if dev == "cuda":
         torch.cuda.empty_cache()
     return t, err
@@ -164,14 +164,10 @@ def main(argv=None):
     ap.add_argument("--state-dtype", default="fp32")
     common.add_common_args(ap)
     args = ap.parse_args(argv)
+    dev, preset, in_dt = common.device_setup(args, "bench_layer_stack.py")
     if args.smoke:
-        common.smoke_env()
-        dev, preset, in_dt = "cpu", common.SMOKE, torch.float32
         batches, sdts, layers, chunk = [2], ["fp32"], 2, 4
     else:
-        if not torch.cuda.is_available():
-            sys.exit("bench_layer_stack.py needs a CUDA device (or --smoke)")
-        dev, preset, in_dt = "cuda", common.QWEN3_NEXT, torch.bfloat16
         batches, sdts, layers = common.ints(args.batch), args.state_dtype.split(","), args.layers
         chunk = C
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -209,13 +205,7 @@ def main(argv=None):
                 if k in row:
                     print("  ", k, row[k][:200])
     if args.smoke:
-        errs = [r.get(k) for r in res["rows"] for k in ("stock_max_rel_err",
-                                                         "kvbuffer_max_rel_err")]
-        res["smoke_check"] = dict(max_rel_err=max(e for e in errs if e is not None),
-                                  tolerance=SMOKE_TOL,
-                                  passed=all(e is not None and e < SMOKE_TOL for e in errs))
-        common.save(res, out)
-        print("smoke check:", res["smoke_check"])
+        common.finish_smoke(res, ("stock_max_rel_err", "kvbuffer_max_rel_err"), SMOKE_TOL, out)
     if args.plot:
         common.plot(res, out.with_suffix(".png"), x="batch",
                     series={"stock recurrent": "stock_ms", "KVBuffer": "kvbuffer_ms"},

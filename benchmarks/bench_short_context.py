@@ -83,14 +83,10 @@ def main(argv=None):
     ap.add_argument("--tp", default="1")
     common.add_common_args(ap)
     args = ap.parse_args(argv)
+    dev, preset, in_dt = common.device_setup(args, "bench_short_context.py")
     if args.smoke:
-        common.smoke_env()
-        dev, preset, in_dt = "cpu", common.SMOKE, torch.float32
         batches, lengths, tps, C = [3], [0, 5], [1], 8
     else:
-        if not torch.cuda.is_available():
-            sys.exit("bench_short_context.py needs a CUDA device (or --smoke)")
-        dev, preset, in_dt = "cuda", common.QWEN3_NEXT, torch.bfloat16
         batches, lengths, tps, C = (common.ints(args.batch), common.ints(args.length),
                                     common.ints(args.tp), 64)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -135,12 +131,7 @@ def main(argv=None):
                 if kv_err:
                     print("   kvbuffer:", kv_err[:200])
     if args.smoke:
-        errs = [r[k] for r in res["rows"] for k in ("stock_max_rel_err", "kvbuffer_max_rel_err")]
-        res["smoke_check"] = dict(max_rel_err=max(e for e in errs if e is not None),
-                                  tolerance=SMOKE_TOL,
-                                  passed=all(e is not None and e < SMOKE_TOL for e in errs))
-        common.save(res, out)
-        print("smoke check:", res["smoke_check"])
+        common.finish_smoke(res, ("stock_max_rel_err", "kvbuffer_max_rel_err"), SMOKE_TOL, out)
     if args.plot:
         common.plot(res, out.with_suffix(".png"), x="batch",
                     series={"fla (state)": "fla_ms", "stock (state)": "stock_ms",

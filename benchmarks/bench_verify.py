@@ -108,14 +108,10 @@ def main(argv=None):
     ap.add_argument("--tp", default="1")
     common.add_common_args(ap)
     args = ap.parse_args(argv)
+    dev, preset, in_dt = common.device_setup(args, "bench_verify.py")
     if args.smoke:
-        common.smoke_env()
-        dev, preset, in_dt = "cpu", common.SMOKE, torch.float32
         batches, drafts, sdts, tps = [2], [1, 4], ["fp32"], [1]
     else:
-        if not torch.cuda.is_available():
-            sys.exit("bench_verify.py needs a CUDA device (or --smoke)")
-        dev, preset, in_dt = "cuda", common.QWEN3_NEXT, torch.bfloat16
         batches, drafts = common.ints(args.batch), common.ints(args.drafts)
         sdts, tps = args.state_dtype.split(","), common.ints(args.tp)
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -162,13 +158,7 @@ def main(argv=None):
                         if k in row:
                             print("  ", k, row[k][:200])
     if args.smoke:
-        errs = [r.get(k) for r in res["rows"]
-                for k in ("per_draft_max_rel_err", "kvbuffer_max_rel_err")]
-        res["smoke_check"] = dict(max_rel_err=max(e for e in errs if e is not None),
-                                  tolerance=SMOKE_TOL,
-                                  passed=all(e is not None and e < SMOKE_TOL for e in errs))
-        common.save(res, out)
-        print("smoke check:", res["smoke_check"])
+        common.finish_smoke(res, ("per_draft_max_rel_err", "kvbuffer_max_rel_err"), SMOKE_TOL, out)
     if args.plot:
         common.plot(res, out.with_suffix(".png"), x="batch",
                     series={"per-draft states": "per_draft_ms", "KVBuffer verify+accept":

@@ -105,6 +105,29 @@ def smoke_env() -> None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def device_setup(args, script: str) -> tuple[str, dict, torch.dtype]:
+    """``(device, preset, input dtype)``: tiny fp32 shapes on the CPU for ``--smoke``, else the
+    Qwen3-Next preset in bf16 on CUDA (exits with a message naming ``script`` without CUDA)."""
+    if args.smoke:
+        smoke_env()
+        return "cpu", SMOKE, torch.float32
+    if not torch.cuda.is_available():
+        sys.exit(f"{script} needs a CUDA device (or --smoke)")
+    return "cuda", QWEN3_NEXT, torch.bfloat16
+
+
+def finish_smoke(result: dict, keys: tuple[str, ...], tol: float, out: pathlib.Path) -> None:
+    """Record whether every row's ``keys`` (max relative errors against float64) are present and
+    below ``tol`` as ``result["smoke_check"]``, save, print."""
+    errs = [r.get(k) for r in result["rows"] for k in keys]
+    found = [e for e in errs if e is not None]
+    result["smoke_check"] = dict(max_rel_err=max(found, default=None), tolerance=tol,
+                                 passed=bool(errs) and all(e is not None and e < tol
+                                                           for e in errs))
+    save(result, out)
+    print("smoke check:", result["smoke_check"])
+
+
 def copy_bandwidth(device: str, nbytes: int = 1 << 30) -> float:
     """Bytes read + written per second of a device-to-device copy (the achievable ceiling)."""
     if device == "cuda":

@@ -68,18 +68,14 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny CPU run of the whole flow")
     args = ap.parse_args(argv)
     from vllm_kvbuffer.kernels import tuning
+    dev, preset, in_dt = common.device_setup(args, "tune.py")
     if args.smoke:
-        common.smoke_env()
-        dev, preset, in_dt = "cpu", common.SMOKE, torch.float32
         batches, tps, sdts, C = [2], [1], ["fp32"], 4
         spaces = {"decode": dict(BV=(16,), num_warps=(4,), flush_dot=(False, True)),
                   "block": dict(BV=(16,), num_warps=(4,)), "flush": dict(BV=(16,),
                                                                          num_warps=(4,))}
         name = "cpu smoke"
     else:
-        if not torch.cuda.is_available():
-            sys.exit("tune.py needs a CUDA device (or --smoke)")
-        dev, preset, in_dt = "cuda", common.QWEN3_NEXT, torch.bfloat16
         batches, tps, sdts = common.ints(args.batch), common.ints(args.tp), \
             args.state_dtype.split(",")
         C = args.chunk
