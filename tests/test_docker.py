@@ -81,3 +81,73 @@ def test_ray_compose_has_head_and_worker_serving_tp2_with_kvbuffer():
     worker_cmd = " ".join(worker["command"])
     assert "ray start --address ray-head:6379" in worker_cmd and "--block" in worker_cmd
     assert worker["depends_on"] == ["ray-head"]
+
+
+def _dockerignore_rules() -> list[tuple[bool, re.Pattern]]:
+    """``.dockerignore`` as (exclude?, regex) rules with Docker's matching: ``*`` and ``?`` stay
+    within one path segment, ``**`` spans any number of segments, a rule that matches a folder
+    matches everything under it, and the last matching rule wins (``!`` re-includes)."""
+    rules = []
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate, pat = line.startswith("!"), line.lstrip("!").strip("/")
+        rx = ""
+        i = 0
+        while i < len(pat):
+            if pat.startswith("**/", i):
+                rx, i = rx + "(?:.*/)?", i + 3
+            elif pat.startswith("**", i):
+                rx, i = rx + ".*", i + 2
+            elif pat[i] == "*":
+                rx, i = rx + "[^/]*", i + 1
+            elif pat[i] == "?":
+                rx, i = rx + "[^/]", i + 1
+            else:
+                rx, i = rx + re.escape(pat[i]), i + 1
+        rules.append((not negate, re.compile(rx)))
+    return rules
+
+
+def _in_build_context(path: str, rules) -> bool:
+    parts = path.split("/")
+    prefixes = ["/".join(parts[:n]) for n in range(1, len(parts) + 1)]
+    excluded = False
+    for exclude, rx in rules:
+        if any(rx.fullmatch(p) for p in prefixes):
+            excluded = exclude
+    return not excluded
+
+
+def test_dockerignore_keeps_the_build_context_to_what_the_images_need():
+    """Both images build from the repository root. docker/Dockerfile copies named paths;
+    docker/Dockerfile.cpu copies the whole context and runs scripts/setup_env.sh (which installs
+    the package in editable mode from pyproject.toml). The context must hold exactly those, and
+    never a developer's .venv, caches, wheels or git history."""
+    rules = _dockerignore_rules()
+    tracked = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                             check=True).stdout.split()
+    assert "pyproject.toml" in tracked
+    context = [f for f in tracked if _in_build_context(f, rules)]
+    copied = [src for line in (DOCKER / "Dockerfile").read_text().splitlines()
+              if line.startswith("COPY ") for src in line.split()[1:-1]]
+    assert copied, "no COPY in docker/Dockerfile"
+    setup_reads = re.findall(r'\$ROOT/([\w./-]+)', (ROOT / "scripts/setup_env.sh").read_text())
+    setup_reads = [p for p in setup_reads if p in tracked]     # files, not the venv it makes
+    assert "scripts/fix_vllm_cpu.py" in setup_reads
+    needed = {"pyproject.toml", "README.md", "vllm_kvbuffer", "scripts", *copied,
+              *(p.split("/")[0] for p in setup_reads)}
+    for root in needed:
+        files = [f for f in tracked if f == root or f.startswith(root + "/")]
+        assert files, root
+        assert all(_in_build_context(f, rules) for f in files), \
+            [f for f in files if not _in_build_context(f, rules)]
+    assert {f.split("/")[0] for f in context} == needed
+    for junk in (".venv/bin/python", ".venv/lib/python3.11/site-packages/torch/__init__.py",
+                 ".cache/models/tiny-qwen3-next/model.safetensors", ".whl/fla-0.4.whl",
+                 ".git/HEAD", ".pytest_cache/v/cache/nodeids",
+                 "vllm_kvbuffer/__pycache__/config.cpython-311.pyc",
+                 "vllm_kvbuffer.egg-info/PKG-INFO", "tests/test_docker.py",
+                 "benchmarks/results/kv_capacity.json", "dist/x.whl"):
+        assert not _in_build_context(junk, rules), junk

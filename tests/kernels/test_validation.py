@@ -15,6 +15,7 @@ from vllm_kvbuffer.kernels import (
     recurrent_gated_delta_rule,
     reset_slots,
     set_value_checks,
+    value_checks_enabled,
     verify,
 )
 from vllm_kvbuffer.kernels.cache import META_LEN, META_PENDING
@@ -241,6 +242,35 @@ def test_value_checks_switch():
             decode(c, i32(0), *tok(2))
         reset_slots(c, i32(0, 1))
         decode(c, i32(0, 1), *tok(2))                   # no host sync needed
+    with pytest.raises(ValueError, match=r"distinct slot ids"):
+        decode(c, i32(0, 0), *tok(2))
+
+
+def test_set_value_checks_plain_call_and_context_manager():
+    """Like ``torch.set_grad_enabled``: a plain call switches the checks until switched back;
+    ``with`` restores the previous setting on exit, also on an exception and when nested."""
+    c = mk()
+    reset_slots(c, i32(0, 1))
+    assert value_checks_enabled()
+    try:
+        set_value_checks(False)
+        assert not value_checks_enabled()
+        decode(c, i32(0, 0), *tok(2))                   # duplicate slots: not checked now
+        with set_value_checks(True):
+            assert value_checks_enabled()
+            with pytest.raises(ValueError, match=r"distinct slot ids"):
+                decode(c, i32(0, 0), *tok(2))
+            with set_value_checks(False):
+                assert not value_checks_enabled()
+            assert value_checks_enabled()
+        assert not value_checks_enabled()               # back to the plain call's setting
+    finally:
+        set_value_checks(True)
+    assert value_checks_enabled()
+    with pytest.raises(RuntimeError, match="boom"):
+        with set_value_checks(False):
+            raise RuntimeError("boom")
+    assert value_checks_enabled()
     with pytest.raises(ValueError, match=r"distinct slot ids"):
         decode(c, i32(0, 0), *tok(2))
 

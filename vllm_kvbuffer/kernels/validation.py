@@ -10,9 +10,8 @@ path does: there the engine guarantees these invariants).
 
 from __future__ import annotations
 
-import contextlib
 import os
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 
@@ -23,15 +22,29 @@ def value_checks_enabled() -> bool:
     return _value_checks
 
 
-@contextlib.contextmanager
-def set_value_checks(enabled: bool) -> Iterator[None]:
-    """Context manager that turns the value checks (host syncs) on or off."""
-    global _value_checks
-    prev, _value_checks = _value_checks, bool(enabled)
-    try:
-        yield
-    finally:
-        _value_checks = prev
+class set_value_checks:
+    """Turn the value checks (host syncs) on or off, like ``torch.set_grad_enabled``.
+
+    A plain call switches them for the rest of the process::
+
+        set_value_checks(False)
+
+    and as a context manager the setting reverts to the one before the ``with`` on exit::
+
+        with set_value_checks(False):
+            ...
+    """
+
+    def __init__(self, enabled: bool) -> None:
+        global _value_checks
+        self.prev, _value_checks = _value_checks, bool(enabled)
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        global _value_checks
+        _value_checks = self.prev
 
 
 def check(cond: bool, name: str, expected: Any, actual: Any) -> None:
