@@ -297,3 +297,19 @@ def test_cli(tmp_path, capsys):
     assert cfg["layer_types"] == ["linear_attention", "full_attention"]
     assert cfg["num_nextn_predict_layers"] == 1 and cfg["dtype"] == "float16"
     assert _tensors(tmp_path / "cli")["mtp.fc.weight"].dtype == torch.float16
+
+
+def test_cli_options_are_generated_from_the_spec():
+    """One description of the fields: every spec field is a CLI option with the field's default
+    and description; nothing else but --out and --force."""
+    import dataclasses
+
+    actions = {a.dest: a for a in tc._parser()._actions if a.dest != "help"}
+    fields = {f.name: f for f in dataclasses.fields(tc.TinyQwen3NextSpec)}
+    assert set(actions) == set(fields) | {"out", "force"}
+    for name, f in fields.items():
+        a = actions[name]
+        assert a.option_strings == ["--" + name.replace("_", "-")]
+        assert a.default == f.default and a.help.replace("%%", "%").startswith(f.metadata["help"])
+    assert actions["dtype"].choices == ("bfloat16", "float16", "float32")
+    assert actions["mtp"].const is True and actions["mtp"].nargs == 0    # a flag
