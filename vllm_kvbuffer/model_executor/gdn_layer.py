@@ -91,51 +91,70 @@ class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
 
     def _forward_core(self, mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                       core_attn_out: torch.Tensor) -> None:
-        """Decode-only and uniform speculative batches take the graph-safe paths (vLLM captures
-        those in FULL CUDA graphs); everything else the eager ones (see :mod:`.gdn_core`)."""
-        metadata = get_forward_context().attn_metadata
-        if metadata is None:          # profiling run: nothing is bound yet
-            return
-        m = metadata[self.prefix]
-        if m.num_actual_tokens == 0:
+        """Run the KVBuffer core on this step's rows; see :func:`forward_with_metadata`."""
+        m = layer_metadata(get_forward_context().attn_metadata, self.prefix)
+        if m is None:
             return
         cache = cache_from_layer_states(self.kv_cache, chunk_size=self._kvb.chunk_size,
                                         max_draft_tokens=self.num_spec)
         conv_cache = self.kv_cache[0]
         conv_state = conv_cache.transpose(-1, -2) if is_conv_state_dim_first() else conv_cache
-        p = self._params()
+        forward_with_metadata(m, cache, conv_state, self._params(), mixed_qkv, b, a,
+                              core_attn_out)
 
-        if m.num_spec_decodes:
-            n = m.num_spec_decodes
-            spec_idx = (m.spec_token_indx if m.spec_token_indx is not None
-                        else torch.arange(m.num_spec_decode_tokens, device=mixed_qkv.device))
-            x, bb, aa = mixed_qkv[spec_idx], b[spec_idx], a[spec_idx]
-            blocks = m.spec_state_indices_tensor[:, 0]
-            T = m.uniform_spec_sequence_length
-            if T is not None and m.num_prefills == 0 and m.num_decodes == 0:
-                # Rows past num_spec_decodes are vLLM's CUDA-graph padding (null block).
-                rows = spec_idx.shape[0] // T
-                out = gdn_core.spec_rows_uniform(cache, conv_state, p, blocks[:rows],
-                                                 m.num_accepted_tokens[:rows], x, bb, aa, T)
-            else:
-                out = gdn_core.spec_rows_varlen(cache, conv_state, p, blocks[:n],
-                                                m.num_accepted_tokens[:n],
-                                                m.spec_query_start_loc, x, bb, aa)
-            core_attn_out[spec_idx] = out.to(core_attn_out.dtype)
-        rows = m.num_decodes + m.num_prefills
-        if rows:
-            if m.non_spec_token_indx is not None:
-                idx = m.non_spec_token_indx
-            else:
-                idx = torch.arange(m.num_decode_tokens + m.num_prefill_tokens,
-                                   device=mixed_qkv.device)
-            x, bb, aa = mixed_qkv[idx], b[idx], a[idx]
-            blocks = m.non_spec_state_indices_tensor
-            if m.num_prefills == 0 and m.num_spec_decodes == 0:
-                out = gdn_core.decode_rows(cache, conv_state, p, blocks[:idx.shape[0]],
-                                           x, bb, aa)
-            else:
-                out = gdn_core.varlen_rows(cache, conv_state, p, blocks[:rows],
-                                           m.non_spec_query_start_loc, m.num_decodes,
-                                           m.has_initial_state, x, bb, aa)
-            core_attn_out[idx] = out.to(core_attn_out.dtype)
+
+def layer_metadata(attn_metadata, prefix: str):
+    """This layer's ``GDNAttentionMetadata`` in the forward context, or None when the step has
+    none for it: profile and dummy runs (V1 passes ``attn_metadata=None``; kernel warm-up runs
+    may pass a dict without the Mamba groups), as vLLM's own ``_forward_core`` treats them."""
+    if not isinstance(attn_metadata, dict):
+        return None
+    return attn_metadata.get(prefix)
+
+
+def forward_with_metadata(m, cache, conv_state: torch.Tensor, p: gdn_core.GDNParams,
+                          mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
+                          core_attn_out: torch.Tensor) -> None:
+    """Unpack one step's ``GDNAttentionMetadata`` ``m`` and run :mod:`.gdn_core` on its rows,
+    writing ``core_attn_out [T, HV, V]`` in place.
+
+    Decode-only and uniform speculative batches take the graph-safe paths: under FULL CUDA
+    graphs ``m`` is the object built at capture time (its counts frozen at the padded batch, its
+    index tensors views of the builder's persistent buffers refilled at each replay), and rows
+    past the real batch point at vLLM's null block (padding). Everything else goes eager.
+    """
+    if m.num_actual_tokens == 0:
+        return
+    if m.num_spec_decodes:
+        n = m.num_spec_decodes
+        spec_idx = (m.spec_token_indx if m.spec_token_indx is not None
+                    else torch.arange(m.num_spec_decode_tokens, device=mixed_qkv.device))
+        x, bb, aa = mixed_qkv[spec_idx], b[spec_idx], a[spec_idx]
+        blocks = m.spec_state_indices_tensor[:, 0]
+        T = m.uniform_spec_sequence_length
+        if T is not None and m.num_prefills == 0 and m.num_decodes == 0:
+            # Rows past num_spec_decodes are vLLM's CUDA-graph padding (null block).
+            rows = spec_idx.shape[0] // T
+            out = gdn_core.spec_rows_uniform(cache, conv_state, p, blocks[:rows],
+                                             m.num_accepted_tokens[:rows], x, bb, aa, T)
+        else:
+            out = gdn_core.spec_rows_varlen(cache, conv_state, p, blocks[:n],
+                                            m.num_accepted_tokens[:n],
+                                            m.spec_query_start_loc, x, bb, aa)
+        core_attn_out[spec_idx] = out.to(core_attn_out.dtype)
+    rows = m.num_decodes + m.num_prefills
+    if rows:
+        if m.non_spec_token_indx is not None:
+            idx = m.non_spec_token_indx
+        else:
+            idx = torch.arange(m.num_decode_tokens + m.num_prefill_tokens,
+                               device=mixed_qkv.device)
+        x, bb, aa = mixed_qkv[idx], b[idx], a[idx]
+        blocks = m.non_spec_state_indices_tensor
+        if m.num_prefills == 0 and m.num_spec_decodes == 0:
+            out = gdn_core.decode_rows(cache, conv_state, p, blocks[:idx.shape[0]], x, bb, aa)
+        else:
+            out = gdn_core.varlen_rows(cache, conv_state, p, blocks[:rows],
+                                       m.non_spec_query_start_loc, m.num_decodes,
+                                       m.has_initial_state, x, bb, aa)
+        core_attn_out[idx] = out.to(core_attn_out.dtype)

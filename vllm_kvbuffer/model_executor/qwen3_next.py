@@ -35,6 +35,28 @@ def check_supported(vllm_config) -> None:
             "KVBuffer: serving under CUDA graphs is not validated in this version of "
             "vllm-kvbuffer (the layer has been validated in vLLM on the CPU only); pass "
             "--enforce-eager (LLM(enforce_eager=True))")
+    if getattr(vllm_config, "use_v2_model_runner", False):
+        # Model Runner V2 (vLLM's CUDA default when Triton is present) runs hybrid models
+        # through MambaHybridModelState: prompt tails with placeholder drafts run as speculative
+        # rows of requests whose slot was never reset, align mode copies states with fused
+        # kernels sized by the first state, and one group's metadata is reused for the others.
+        # None of that can run on the CPU machines this plugin is validated on
+        # (docs/plugin-design.md, "Model runners").
+        raise ValueError(
+            "KVBuffer: vLLM's Model Runner V2 is not supported by this version of "
+            "vllm-kvbuffer; set VLLM_USE_V2_MODEL_RUNNER=0 in the environment of vLLM "
+            "(for example `VLLM_USE_V2_MODEL_RUNNER=0 vllm serve ...`; the Docker images set "
+            "it)")
+    scheduler = getattr(vllm_config, "scheduler_config", None)
+    if (vllm_config.speculative_config is not None
+            and getattr(scheduler, "async_scheduling", False)):
+        # With async scheduling a request that sat out one step comes back with
+        # num_accepted_tokens = 1 (vLLM's update_num_computed_tokens_for_batch_change only
+        # corrects rows of the previous batch), so the commit of its pending drafts would keep
+        # too few (docs/plugin-design.md, "Speculative decoding and async scheduling").
+        raise ValueError(
+            "KVBuffer: speculative decoding together with async scheduling is not supported "
+            "yet; pass --no-async-scheduling (LLM(async_scheduling=False))")
     mode = vllm_config.cache_config.mamba_cache_mode
     if mode not in ("none", "align"):
         raise ValueError(f"KVBuffer: mamba_cache_mode={mode!r} is not supported; pass "
