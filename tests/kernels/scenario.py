@@ -161,7 +161,7 @@ class Scenario:
         assert err <= tol, f"output rel err {err:.3e} > {tol:.1e}"
 
     def check_states(self, tol: float) -> None:
-        S = materialize_state(self.cache, self._t(self.active))
+        S = materialize_state(self.cache, self._t(self.active), backend=self.backend)
         for i, s in enumerate(self.active):
             err = rel_err(S[i], self.ref.states[s]) if self.ref.states[s].abs().max() > 0 else \
                 float(S[i].abs().max())

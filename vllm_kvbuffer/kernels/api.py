@@ -8,7 +8,8 @@ stream. A slot's state is flushed as soon as its committed buffer holds ``chunk_
 slot that never flushed reads no state at all (short-context path).
 
 Backends: ``"torch"`` (exact reference, any device, float64 capable), ``"triton"`` (GPU kernels;
-CPU tensors only under ``TRITON_INTERPRET=1``), ``"auto"`` (triton on CUDA, torch otherwise).
+CPU tensors only under ``TRITON_INTERPRET=1``), ``"cpu"`` (native CPU kernels compiled with numba,
+float64 capable), ``"auto"`` (triton on CUDA, cpu for CPU tensors, torch otherwise).
 
 All validation happens before anything is written, so a rejected call leaves every slot as it was.
 """
@@ -24,7 +25,7 @@ from . import torch_impl
 from .cache import META_LEN, META_PENDING, KVBufferCache
 from .validation import check, check_slots_tensor, check_tensor, value_checks_enabled
 
-BACKENDS = ("auto", "torch", "triton")
+BACKENDS = ("auto", "torch", "triton", "cpu")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -38,7 +39,14 @@ def _triton_usable(device: torch.device) -> bool:
 def _resolve_backend(backend: str, cache: KVBufferCache) -> str:
     check(backend in BACKENDS, "backend", f"one of {BACKENDS}", repr(backend))
     if backend == "auto":
-        return "triton" if cache.device.type == "cuda" else "torch"
+        if cache.device.type == "cuda":
+            return "triton"
+        return "cpu" if cache.device.type == "cpu" else "torch"
+    if backend == "cpu":
+        if cache.device.type != "cpu":
+            raise NotImplementedError(f"backend='cpu' needs CPU tensors; the cache is on "
+                                      f"{cache.device}")
+        from . import cpu_impl  # noqa: F401  (numba import errors surface here)
     if backend == "triton":
         if not _triton_usable(cache.device):
             raise NotImplementedError(
@@ -51,6 +59,9 @@ def _resolve_backend(backend: str, cache: KVBufferCache) -> str:
 def _impl(backend: str):
     if backend == "torch":
         return torch_impl
+    if backend == "cpu":
+        from . import cpu_impl
+        return cpu_impl
     from . import triton_impl
     return triton_impl
 
@@ -225,15 +236,20 @@ def accept(cache: KVBufferCache, slots: torch.Tensor, num_accepted: torch.Tensor
     _impl(be).accept(cache, slots, num_accepted, use_qk_l2norm=l2)
 
 
-def materialize_state(cache: KVBufferCache, slots: torch.Tensor) -> torch.Tensor:
+def materialize_state(cache: KVBufferCache, slots: torch.Tensor, *,
+                      backend: str = "auto") -> torch.Tensor:
     """The exact recurrent state after each slot's committed tokens (tentative ones excluded).
 
     Args:
         slots: ``[N]`` int32 slot ids (negative: padding, a zero state is returned).
 
     Returns ``[N, HV, K, V]`` (fla layout) in float32, float64 for a float64 cache. Read-only.
+    The torch backend serves every device except the CPU's ``"cpu"`` backend (``"auto"`` on CPU
+    tensors), which has its own kernel.
     """
     _check_cache(cache)
     check_slots_tensor(slots, cache.num_slots, cache.device)
+    be = _resolve_backend(backend, cache)
     l2 = cache.qk_l2norm if cache.qk_l2norm is not None else True
-    return torch_impl.materialize_state(cache, slots, use_qk_l2norm=l2)
+    impl = _impl(be) if be == "cpu" else torch_impl
+    return impl.materialize_state(cache, slots, use_qk_l2norm=l2)
