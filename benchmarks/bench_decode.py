@@ -14,82 +14,23 @@ Bytes: the byte models of ``benchmarks/common.py``; achieved bandwidth as a frac
 measured device copy bandwidth. ``--smoke``: tiny shapes on the CPU (interpreted Triton), every
 output checked against the float64 recurrence.
 
-Usage: python benchmarks/bench_decode.py [--batch 1,8,64,512] [--chunk 8,16,32,64]
+Usage: python -m benchmarks.bench_decode [--batch 1,8,64,512] [--chunk 8,16,32,64]
        [--state-dtype fp32,bf16] [--tp 1,4] [--out decode.json] [--plot] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-try:
-    from benchmarks import common
-except ImportError:  # run as a script
-    import pathlib
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from benchmarks import common
+from benchmarks import common
 
-from benchmarks.common import DTYPES, bw_frac, time_ms
+from benchmarks.common import (DTYPES, bench_fla, bench_stock, bw_frac, make_steps,
+                               reference_cycle, time_ms, try_bench)
 
 # Absolute tolerance on the max relative error vs the float64 recurrence (fp32 interpreter).
 SMOKE_TOL = 1e-4
-
-
-def make_steps(N, H, HV, K, V, n, dev, in_dt, gen):
-    out = []
-    for _ in range(n):
-        q = torch.randn(N, H, K, generator=gen, device=dev).to(in_dt)
-        k = torch.randn(N, H, K, generator=gen, device=dev).to(in_dt)
-        v = torch.randn(N, HV, V, generator=gen, device=dev).to(in_dt)
-        g = -torch.rand(N, HV, generator=gen, device=dev) * 0.1
-        b = torch.rand(N, HV, generator=gen, device=dev)
-        out.append((q, k, v, g, b))
-    return out
-
-
-def reference_cycle(h0_fla, steps):
-    """float64 outputs of the recurrence over the steps, from states ``[N, HV, K, V]``."""
-    from vllm_kvbuffer.kernels import recurrent_gated_delta_rule
-    S, outs = h0_fla.double(), []
-    for (q, k, v, g, b) in steps:
-        os_ = []
-        for n in range(q.shape[0]):
-            o, s = recurrent_gated_delta_rule(q[n:n + 1].double(), k[n:n + 1].double(),
-                                              v[n:n + 1].double(), g[n:n + 1].double(),
-                                              b[n:n + 1].double(), initial_state=S[n:n + 1])
-            S[n] = s[0]
-            os_.append(o[0])
-        outs.append(torch.stack(os_))
-    return outs
-
-
-def bench_fla(N, H, HV, K, V, dev, in_dt, gen):
-    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_fr
-    (q, k, v, g, b), = make_steps(N, H, HV, K, V, 1, dev, in_dt, gen)
-    h0 = torch.randn(N, HV, K, V, generator=gen, device=dev) * 0.01
-
-    def step():
-        fla_fr(q[:, None], k[:, None], v[:, None], g=g[:, None], beta=b[:, None],
-               initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
-    return time_ms(step, dev), None
-
-
-def bench_stock(N, H, HV, K, V, sdt, dev, in_dt, gen, check):
-    from benchmarks.baselines import recurrent_pool
-    pool = N + 7
-    state = (torch.randn(pool, HV, V, K, generator=gen, device=dev) * 0.05).to(sdt)
-    slots = torch.randperm(pool, device=dev)[:N].to(torch.int32)
-    steps = make_steps(N, H, HV, K, V, 3 if check else 1, dev, in_dt, gen)
-    err = None
-    if check:
-        ref = reference_cycle(state[slots.long()].transpose(-1, -2), steps)
-        err = max(common.rel_err(recurrent_pool(state, slots, slots[:, None], *(
-            x[:, None] for x in st))[:, 0], r) for st, r in zip(steps, ref))
-    q, k, v, g, b = (x[:, None] for x in steps[0])
-    return time_ms(lambda: recurrent_pool(state, slots, slots[:, None], q, k, v, g, b), dev), err
 
 
 def _raw_gates(N, HV, dev, gen):
@@ -165,13 +106,6 @@ def bench_kvbuffer(N, H, HV, K, V, C, sdt, dev, in_dt, gen, check):
         return time_ms(cycle, dev) / C, err
 
 
-def _try(fn, *a):
-    try:
-        return fn(*a) + (None,)
-    except Exception as e:  # noqa: BLE001
-        return float("nan"), None, f"{type(e).__name__}: {e}"[:400]
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--batch", default="1,8,32,64,128,256,512")
@@ -201,18 +135,18 @@ def main(argv=None):
             sdt = DTYPES[sname]
             for N in batches:
                 if dev == "cuda":
-                    t_fla, _, fla_err = _try(bench_fla, N, H, HV, K, V, dev, in_dt, gen)
+                    t_fla, _, fla_err = try_bench(bench_fla, N, H, HV, K, V, dev, in_dt, gen)
                 else:
                     t_fla, fla_err = float("nan"), "skipped in --smoke (fla runs on CUDA only)"
-                t_st, e_st, st_err = _try(bench_stock, N, H, HV, K, V, sdt, dev, in_dt, gen,
+                t_st, e_st, st_err = try_bench(bench_stock, N, H, HV, K, V, sdt, dev, in_dt, gen,
                                           check)
-                t_rp, e_rp, rp_err = _try(bench_replayssm, N, H, HV, K, V, sdt, dev, in_dt, gen,
+                t_rp, e_rp, rp_err = try_bench(bench_replayssm, N, H, HV, K, V, sdt, dev, in_dt, gen,
                                           check or N == batches[0])
                 b_rec = common.bytes_recurrent(N, H, HV, K, V, torch.float32)
                 b_st = common.bytes_recurrent(N, H, HV, K, V, sdt)
                 b_rp = common.bytes_replayssm(N, H, HV, K, V, 16, sdt)
                 for C in chunks:
-                    t, e_kv, kv_err = _try(bench_kvbuffer, N, H, HV, K, V, C, sdt, dev, in_dt,
+                    t, e_kv, kv_err = try_bench(bench_kvbuffer, N, H, HV, K, V, C, sdt, dev, in_dt,
                                            gen, check)
                     b = common.bytes_kvbuffer(N, H, HV, K, V, C, sdt)
                     row = dict(tp=tp, H=H, HV=HV, K=K, V=V, state_dtype=sname, batch=N,
@@ -239,12 +173,8 @@ def main(argv=None):
                         if e and not e.startswith("skipped"):
                             print(f"   {name}: {e[:200]}", flush=True)
     if args.smoke:
-        errs = {k: r[k] for r in res["rows"] for k in r if k.endswith("max_rel_err")
-                and r[k] is not None}
-        res["smoke_check"] = dict(errs, tolerance=SMOKE_TOL,
-                                  passed=all(e < SMOKE_TOL for e in errs.values()))
-        common.save(res, out)
-        print("smoke check:", res["smoke_check"])
+        common.finish_smoke(res, ("stock_max_rel_err", "kvbuffer_max_rel_err"), SMOKE_TOL, out,
+                            optional=("replayssm_max_rel_err",))
     if args.plot:
         common.plot(res, out.with_suffix(".png"), x="batch",
                     series={"fla": "fla_ms", "ReplaySSM (SGLang)": "replayssm_ms",

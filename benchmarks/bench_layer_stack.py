@@ -11,23 +11,17 @@ same kernels for both paths (``benchmarks/baselines.py``); the core is
 Bytes per step: 36 x (core bytes of ``benchmarks/common.py`` + conv ``N dim (2 + 2 (W-1) 2)`` for
 reading x, reading and writing the bf16 window, writing y).
 
-Usage: python benchmarks/bench_layer_stack.py [--batch 1,8,64,256] [--layers 36]
+Usage: python -m benchmarks.bench_layer_stack [--batch 1,8,64,256] [--layers 36]
        [--state-dtype fp32] [--out stack.json] [--plot] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-try:
-    from benchmarks import common
-except ImportError:
-    import pathlib
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from benchmarks import common
+from benchmarks import common
 
 from benchmarks.common import DTYPES, bw_frac, time_ms
 

@@ -13,26 +13,19 @@ flushes) this times one decode step of
 Bytes: short context ``N (L row + row + io)``, recurrent ``N (2 s + io)``
 (``benchmarks/common.py``).
 
-Usage: python benchmarks/bench_short_context.py [--batch 1,8,64,256,512] [--length 4,16,48]
+Usage: python -m benchmarks.bench_short_context [--batch 1,8,64,256,512] [--length 4,16,48]
        [--tp 1] [--out short.json] [--plot] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-try:
-    from benchmarks import common
-except ImportError:
-    import pathlib
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from benchmarks import common
+from benchmarks import common
 
-from benchmarks.bench_decode import _try, bench_fla, bench_stock, make_steps
-from benchmarks.common import bw_frac, time_ms
+from benchmarks.common import bench_fla, bench_stock, bw_frac, make_steps, time_ms, try_bench
 
 SMOKE_TOL = 1e-4
 
@@ -101,10 +94,10 @@ def main(argv=None):
         H, HV, K, V = common.heads(tp, preset)
         for N in batches:
             if dev == "cuda":
-                t_fla, _, fla_err = _try(bench_fla, N, H, HV, K, V, dev, in_dt, gen)
+                t_fla, _, fla_err = try_bench(bench_fla, N, H, HV, K, V, dev, in_dt, gen)
             else:
                 t_fla, fla_err = float("nan"), "skipped in --smoke (fla runs on CUDA only)"
-            t_st, e_st, st_err = _try(bench_stock, N, H, HV, K, V, torch.float32, dev, in_dt,
+            t_st, e_st, st_err = try_bench(bench_stock, N, H, HV, K, V, torch.float32, dev, in_dt,
                                       gen, args.smoke)
             b_rec = common.bytes_recurrent(N, H, HV, K, V, torch.float32)
             for L in lengths:

@@ -13,23 +13,17 @@ For D = 1, 2, 4, 8 drafts (T = D + 1 tokens per request: last accepted + D draft
 Bytes (``benchmarks/common.py``): KVBuffer ``N (s (1 + a/C) + L row + T row + T io)`` with the mean
 committed length L = (C-1)/2 and a the mean accepted count; per-draft ``N (s + T s + T io)``.
 
-Usage: python benchmarks/bench_verify.py [--batch 1,8,64,256] [--drafts 1,2,4,8]
+Usage: python -m benchmarks.bench_verify [--batch 1,8,64,256] [--drafts 1,2,4,8]
        [--state-dtype fp32] [--tp 1] [--out verify.json] [--plot] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
-import sys
 
 import torch
 
-try:
-    from benchmarks import common
-except ImportError:
-    import pathlib
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from benchmarks import common
+from benchmarks import common
 
 from benchmarks.common import DTYPES, bw_frac, time_ms
 

@@ -36,8 +36,6 @@ import time
 import torch
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
 
 QWEN3_NEXT = dict(H=16, HV=32, K=128, V=128)
 # Tiny shapes for --smoke (interpreted Triton on the CPU).
@@ -116,10 +114,13 @@ def device_setup(args, script: str) -> tuple[str, dict, torch.dtype]:
     return "cuda", QWEN3_NEXT, torch.bfloat16
 
 
-def finish_smoke(result: dict, keys: tuple[str, ...], tol: float, out: pathlib.Path) -> None:
+def finish_smoke(result: dict, keys: tuple[str, ...], tol: float, out: pathlib.Path, *,
+                 optional: tuple[str, ...] = ()) -> None:
     """Record whether every row's ``keys`` (max relative errors against float64) are present and
-    below ``tol`` as ``result["smoke_check"]``, save, print."""
+    below ``tol`` as ``result["smoke_check"]``, save, print. ``optional`` keys count where a row
+    has them (a baseline that cannot run on the CPU has none)."""
     errs = [r.get(k) for r in result["rows"] for k in keys]
+    errs += [r[k] for r in result["rows"] for k in optional if r.get(k) is not None]
     found = [e for e in errs if e is not None]
     result["smoke_check"] = dict(max_rel_err=max(found, default=None), tolerance=tol,
                                  passed=bool(errs) and all(e is not None and e < tol
@@ -270,3 +271,71 @@ def add_common_args(ap) -> None:
 
 def ints(s: str) -> list[int]:
     return [int(x) for x in s.split(",") if x]
+
+
+# ------------------------------------------------------------------------------------------------
+# decode inputs, float64 reference, timed baselines (decode and short-context benchmarks)
+# ------------------------------------------------------------------------------------------------
+def make_steps(N, H, HV, K, V, n, dev, in_dt, gen):
+    """``n`` decode steps of random inputs ``(q [N, H, K], k [N, H, K], v [N, HV, V],
+    g [N, HV], beta [N, HV])``; log-decays ``g`` in ``[-0.1, 0]``, ``beta`` in ``[0, 1)``."""
+    out = []
+    for _ in range(n):
+        q = torch.randn(N, H, K, generator=gen, device=dev).to(in_dt)
+        k = torch.randn(N, H, K, generator=gen, device=dev).to(in_dt)
+        v = torch.randn(N, HV, V, generator=gen, device=dev).to(in_dt)
+        g = -torch.rand(N, HV, generator=gen, device=dev) * 0.1
+        b = torch.rand(N, HV, generator=gen, device=dev)
+        out.append((q, k, v, g, b))
+    return out
+
+
+def reference_cycle(h0_fla, steps):
+    """float64 outputs of the recurrence over the steps, from states ``[N, HV, K, V]``."""
+    from vllm_kvbuffer.kernels import recurrent_gated_delta_rule
+    S, outs = h0_fla.double(), []
+    for (q, k, v, g, b) in steps:
+        os_ = []
+        for n in range(q.shape[0]):
+            o, s = recurrent_gated_delta_rule(q[n:n + 1].double(), k[n:n + 1].double(),
+                                              v[n:n + 1].double(), g[n:n + 1].double(),
+                                              b[n:n + 1].double(), initial_state=S[n:n + 1])
+            S[n] = s[0]
+            os_.append(o[0])
+        outs.append(torch.stack(os_))
+    return outs
+
+
+def bench_fla(N, H, HV, K, V, dev, in_dt, gen):
+    from fla.ops.gated_delta_rule import fused_recurrent_gated_delta_rule as fla_fr
+    (q, k, v, g, b), = make_steps(N, H, HV, K, V, 1, dev, in_dt, gen)
+    h0 = torch.randn(N, HV, K, V, generator=gen, device=dev) * 0.01
+
+    def step():
+        fla_fr(q[:, None], k[:, None], v[:, None], g=g[:, None], beta=b[:, None],
+               initial_state=h0, output_final_state=True, use_qk_l2norm_in_kernel=True)
+    return time_ms(step, dev), None
+
+
+def bench_stock(N, H, HV, K, V, sdt, dev, in_dt, gen, check):
+    from benchmarks.baselines import recurrent_pool
+    pool = N + 7
+    state = (torch.randn(pool, HV, V, K, generator=gen, device=dev) * 0.05).to(sdt)
+    slots = torch.randperm(pool, device=dev)[:N].to(torch.int32)
+    steps = make_steps(N, H, HV, K, V, 3 if check else 1, dev, in_dt, gen)
+    err = None
+    if check:
+        ref = reference_cycle(state[slots.long()].transpose(-1, -2), steps)
+        err = max(rel_err(recurrent_pool(state, slots, slots[:, None], *(
+            x[:, None] for x in st))[:, 0], r) for st, r in zip(steps, ref))
+    q, k, v, g, b = (x[:, None] for x in steps[0])
+    return time_ms(lambda: recurrent_pool(state, slots, slots[:, None], q, k, v, g, b), dev), err
+
+
+def try_bench(fn, *a):
+    """``fn(*a) + (None,)``, or ``(nan, None, error text)`` if it raises: one failing baseline
+    (a missing wheel, a kernel the interpreter cannot run) leaves the rest of a sweep running."""
+    try:
+        return fn(*a) + (None,)
+    except Exception as e:  # noqa: BLE001
+        return float("nan"), None, f"{type(e).__name__}: {e}"[:400]

@@ -2,7 +2,7 @@
 # One prepared GPU session (H100/H200), about 8 minutes: environment report, every benchmark of
 # issue 6 at the issue's shapes (decode, short context, verify, layer stack), the tuner, and the
 # GPU tests. Everything lands in $OUT (default .cache/gpu-out): JSON, logs, PNGs (if matplotlib is
-# there; otherwise draw them later with benchmarks/plot.py), and the tuned configs JSON (copy it
+# there; otherwise draw them later with python -m benchmarks.plot), and the tuned configs JSON (copy it
 # into vllm_kvbuffer/kernels/configs/ to ship it).
 # Wheels: .whl/*.whl (flash-linear-attention, fla-core: the fla baseline) are installed into
 # /tmp/site; .whl/extra/sglang-*.whl is NOT installed: benchmarks/replayssm.py loads SGLang's
@@ -37,17 +37,17 @@ step() {  # step NAME LIMIT_S CMD...
   grep -v -i warning "$OUT/$name.log" | tail -n "${TAIL:-8}"
 }
 
-step decode "${DECODE_TIMEOUT:-150}" python3 benchmarks/bench_decode.py --plot \
+step decode "${DECODE_TIMEOUT:-150}" python3 -m benchmarks.bench_decode --plot \
   --out "$OUT/decode.json" --tp 1 --batch 1,8,64,256,512 --chunk 8,16,32,64 --state-dtype fp32,bf16
-step decode_tp4 "${DECODE4_TIMEOUT:-35}" python3 benchmarks/bench_decode.py --plot \
+step decode_tp4 "${DECODE4_TIMEOUT:-35}" python3 -m benchmarks.bench_decode --plot \
   --out "$OUT/decode_tp4.json" --tp 4 --batch 64,512 --chunk 16,64 --state-dtype fp32
-step short_context "${SHORT_TIMEOUT:-35}" python3 benchmarks/bench_short_context.py --plot \
+step short_context "${SHORT_TIMEOUT:-35}" python3 -m benchmarks.bench_short_context --plot \
   --out "$OUT/short_context.json" --batch 1,8,64,256,512 --length 4,16,48
-step verify "${VERIFY_TIMEOUT:-50}" python3 benchmarks/bench_verify.py --plot \
+step verify "${VERIFY_TIMEOUT:-50}" python3 -m benchmarks.bench_verify --plot \
   --out "$OUT/verify.json" --batch 1,8,64,256 --drafts 1,2,4,8
-step layer_stack "${STACK_TIMEOUT:-60}" python3 benchmarks/bench_layer_stack.py --plot \
+step layer_stack "${STACK_TIMEOUT:-60}" python3 -m benchmarks.bench_layer_stack --plot \
   --out "$OUT/layer_stack.json" --batch 1,16,64,256
-step tune "${TUNE_TIMEOUT:-70}" python3 benchmarks/tune.py --batch 8,128 --tp 1,4 \
+step tune "${TUNE_TIMEOUT:-70}" python3 -m benchmarks.tune --batch 8,128 --tp 1,4 \
   --out "$OUT/tuned_configs.json"
 echo "== GPU tests (t=$(( $(date +%s) - T0 ))s)"
 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -rA \

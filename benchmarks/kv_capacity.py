@@ -14,7 +14,7 @@ block-size alignment of the CPU backend, and the CPU platform's reset of the SSM
 float32 for non-"gdn" backends, which this script undoes so that the bf16-state rows are the bf16
 state a GPU deployment gets.
 
-Usage: python benchmarks/kv_capacity.py [--out benchmarks/results/kv_capacity.json]
+Usage: python -m benchmarks.kv_capacity [--out benchmarks/results/kv_capacity.json]
 """
 
 from __future__ import annotations
@@ -23,11 +23,9 @@ import argparse
 import datetime
 import json
 import pathlib
-import sys
 import tempfile
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
 GIB = 1 << 30
 
 

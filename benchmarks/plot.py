@@ -1,6 +1,6 @@
 """Draw the PNG of saved benchmark JSON files (when the run had no matplotlib).
 
-Usage: python benchmarks/plot.py results/decode.json results/verify.json ...
+Usage: python -m benchmarks.plot results/decode.json results/verify.json ...
 """
 
 from __future__ import annotations
@@ -9,11 +9,7 @@ import json
 import pathlib
 import sys
 
-try:
-    from benchmarks import common
-except ImportError:
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from benchmarks import common
+from benchmarks import common
 
 SPECS = {
     "decode": dict(x="batch", series={"fla": "fla_ms", "ReplaySSM (SGLang)": "replayssm_ms",

@@ -1,12 +1,14 @@
 """Render a decode benchmark JSON (benchmarks/bench_decode.py) as a markdown table.
 
-Usage: python benchmarks/report.py benchmarks/results/h100-run2/decode.json [--tp 1] [--chunk 16]
+Usage: python -m benchmarks.report benchmarks/results/h100-run2/decode.json [--tp 1] [--chunk 16]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+
+from benchmarks.common import ints
 
 
 def table(res: dict, tp: int, chunks: list[int]) -> str:
@@ -35,7 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     with open(args.json) as f:
         res = json.load(f)
-    print(table(res, args.tp, [int(c) for c in args.chunk.split(",")]))
+    print(table(res, args.tp, ints(args.chunk)))
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ candidate config (CUDA graph, median; decode amortised over a whole flush cycle)
 ``vllm_kvbuffer/kernels/configs/<device>.json`` (format: :mod:`vllm_kvbuffer.kernels.tuning`),
 which the kernels read at launch; shapes without an entry keep the built-in defaults.
 
-Usage: python benchmarks/tune.py [--batch 8,64,256] [--tp 1,4] [--state-dtype fp32,bf16]
+Usage: python -m benchmarks.tune [--batch 8,64,256] [--tp 1,4] [--state-dtype fp32,bf16]
        [--out PATH] [--smoke]
 """
 
@@ -15,17 +15,10 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
-import sys
 
 import torch
 
-try:
-    from benchmarks import common
-except ImportError:
-    import pathlib
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-    from benchmarks import common
+from benchmarks import common
 
 DECODE_SPACE = dict(BV=(16, 32), num_warps=(4, 8), flush_dot=(False, True))
 BLOCK_SPACE = dict(BV=(16, 32), num_warps=(2, 4, 8))
@@ -52,10 +45,10 @@ def time_config(kind, cfg, N, H, HV, K, V, C, sdt, dev, in_dt, gen):
 
 
 def _save(result, out):
+    """Only a file the kernels' loader accepts is written."""
     from vllm_kvbuffer.kernels import tuning
     tuning.validate(result, out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    common.save(result, out)
 
 
 def main(argv=None):

@@ -3,24 +3,17 @@ configuration, 4 MTP draft tokens, fp32 state, C = 16: stock per-request linear-
 over KVBuffer's >= 4.0 (the ideal is 5: stock keeps 1 + 4 state slots, KVBuffer one state plus its
 buffer), and vLLM's maximum concurrency grows accordingly."""
 
-import importlib.util
-import pathlib
-
 import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture(scope="module")
 def capacity():
-    spec = importlib.util.spec_from_file_location("kv_capacity",
-                                                  ROOT / "benchmarks" / "kv_capacity.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
     import vllm.plugins
 
+    from benchmarks import kv_capacity
+
     vllm.plugins.load_general_plugins()
-    return mod
+    return kv_capacity
 
 
 @pytest.mark.parametrize("tp", [1, 4])
