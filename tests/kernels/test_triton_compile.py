@@ -1,8 +1,10 @@
-"""Every Triton kernel compiles for Hopper (sm_90) on any machine, and decode does not spill.
+"""Static audit of the Triton kernels (``vllm_kvbuffer.kernels.audit``), compiled for sm_90 exactly
+as a launch specialises them, at Qwen3-Next TP 1 shapes (fp32 state, C = 16, batch 128).
 
-The interpreter never lowers kernels, so GPU-only compile errors (type unification across loops,
-layouts, register spills) would otherwise surface only on a GPU. Triton ships ptxas and cuobjdump,
-so this runs in CPU CI; it needs a process without TRITON_INTERPRET, hence the subprocess.
+The interpreter never lowers kernels, so GPU-only compile errors and the structure that decides
+bandwidth (state loads in flight, dependent round trips, spills, buffer-length loops) would
+otherwise show only on a GPU. Triton's wheel ships ptxas / nvdisasm / cuobjdump, so this runs in
+CPU CI; compiling needs a process without TRITON_INTERPRET, hence one subprocess for the module.
 """
 
 import json
@@ -10,21 +12,59 @@ import os
 import subprocess
 import sys
 
+import pytest
 
-def test_all_kernels_compile_for_sm90_and_decode_does_not_spill():
+SHARED_LIMIT = 232448   # bytes of shared memory one program may use on sm_90
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("audit") / "audit.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    proc = subprocess.run([sys.executable, "-m", "vllm_kvbuffer.kernels.compile_check", "--json"],
-                          capture_output=True, text=True, env=env, timeout=600)
-    rows = json.loads(proc.stdout.strip().splitlines()[-1])
-    failed = [r for r in rows if not r["ok"]]
-    assert not failed, failed
-    names = {r["kernel"] for r in rows}
-    for prefix in ("decode[fp32", "decode[bf16", "prefill[fp32,C=16]", "prefill[fp32,C=64]",
-                   "verify[fp32", "accept_flush[fp32", "prefill_commit"):
-        assert any(n.startswith(prefix) for n in names), (prefix, names)
-    assert all(r["shared"] <= 232448 for r in rows), [r for r in rows if r["shared"] > 232448]
-    for r in rows:
-        if r["kernel"].startswith("decode"):
-            assert r["stack"] == 0, r
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = subprocess.run([sys.executable, "-m", "vllm_kvbuffer.kernels.audit", "--out", str(out)],
+                          capture_output=True, text=True, env=env, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+def _row(report, config, prefix):
+    rows = [r for r in report["kernels"] if r["config"] == config
+            and r["kernel"].lstrip("_").startswith(prefix)]
+    assert len(rows) == 1, [(r["config"], r["kernel"]) for r in report["kernels"]]
+    return rows[0]
+
+
+def test_every_kernel_compiles_within_sm90_limits(report):
+    configs = {r["config"] for r in report["kernels"]}
+    assert configs == {"decode", "verify", "accept", "prefill"}, configs
+    for r in report["kernels"]:
+        assert r["shared_bytes"] <= SHARED_LIMIT, r
+        assert r["programs_per_sm"] >= 1, r
+    # A launch specialises ints equal to 1 into constants: the unit inner strides are constant.
+    dec = _row(report, "decode", "decode")
+    assert dec["grid"][0] * dec["grid"][1] * dec["grid"][2] >= 128 * 32, dec["grid"]
+    assert "slots_ptr" in dec["divisible_16"], dec["divisible_16"]
+
+
+BEFORE_REWRITE = pytest.mark.xfail(strict=True, reason="issue 12: kernels before the v3 rewrite")
+
+
+@pytest.mark.parametrize("config,prefix", [("decode", "decode"),
+                                           pytest.param("verify", "verify", marks=BEFORE_REWRITE)])
+def test_state_loads_are_128_bit(report, config, prefix):
+    r = _row(report, config, prefix)
+    kinds = r["state_load_kinds"]
+    assert kinds, f"no state load found in {r['kernel']}"
+    assert all(k.split(".")[-1] == "128" for k in kinds), kinds
+
+
+@pytest.mark.parametrize("target", ["round_trips_before_first_state_load", "main_loop_spills",
+                                    pytest.param("buffer_length_loops_with_global_loads",
+                                                 marks=BEFORE_REWRITE),
+                                    pytest.param("state_bytes_in_flight_per_sm",
+                                                 marks=BEFORE_REWRITE)])
+def test_decode_static_targets(report, target):
+    r = _row(report, "decode", "decode")
+    t = r["targets"][target]
+    assert t["met"], (target, t, r)
