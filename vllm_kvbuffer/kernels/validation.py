@@ -10,12 +10,13 @@ path does: there the engine guarantees these invariants).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import torch
 
-_value_checks = os.environ.get("VLLM_KVBUFFER_VALUE_CHECKS", "1") not in ("0", "false", "False")
+from .. import envs
+
+_value_checks: bool = envs.get("VLLM_KVBUFFER_VALUE_CHECKS")
 
 
 def value_checks_enabled() -> bool:

