@@ -46,6 +46,8 @@ def test_images_serve_with_kvbuffer_and_cpu_image_uses_the_readme_setup():
     gpu = (DOCKER / "Dockerfile").read_text()
     assert re.search(r'^ENTRYPOINT \["vllm", "serve", "--load-plugin", "kvbuffer"', gpu, re.M)
     assert "--no-deps" in gpu                      # vLLM and torch come from the base image
+    # vLLM's CUDA default is Model Runner V2, which the plugin refuses (check_supported).
+    assert re.search(r"^ENV VLLM_USE_V2_MODEL_RUNNER=0$", gpu, re.M)
     cpu = (DOCKER / "Dockerfile.cpu").read_text()
     assert "bash scripts/setup_env.sh" in cpu
     assert '"--load-plugin", "kvbuffer"' in cpu
