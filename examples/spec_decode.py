@@ -92,6 +92,7 @@ def generate(args, model: str, prompts: list[str], dtype: str, speculative: dict
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size,
         enable_prefix_caching=False,  # refused together with speculative decoding for now
+        async_scheduling=False,  # CUDA's default with MTP; refused with drafts for now
         disable_log_stats=False,  # keep the metrics that get_metrics() reads
         speculative_config=speculative,
         seed=0,
