@@ -3,7 +3,7 @@
 For each kernel kind (``decode``; ``block`` = verify/prefill; ``flush`` = accept) and each shape
 (TP 1 and TP 4 heads of Qwen3-Next, state dtype, flush interval C, batch bucket) this times every
 candidate config (CUDA graph, median; decode amortised over a whole flush cycle) with
-``triton_impl.CONFIG_OVERRIDE`` and keeps the fastest. The result goes to
+``tuning.CONFIG_OVERRIDE`` and keeps the fastest. The result goes to
 ``vllm_kvbuffer/kernels/configs/<device>.json`` (format: :mod:`vllm_kvbuffer.kernels.tuning`),
 which the kernels read at launch; shapes without an entry keep the built-in defaults.
 
@@ -20,7 +20,7 @@ import torch
 
 from benchmarks import common
 
-DECODE_SPACE = dict(BV=(16, 32), num_warps=(4, 8), flush_dot=(False, True))
+DECODE_SPACE = dict(BV=(16, 32), num_warps=(4, 8), num_stages=(3, 4, 5))
 BLOCK_SPACE = dict(BV=(16, 32), num_warps=(2, 4, 8))
 
 
@@ -32,16 +32,16 @@ def candidates(space: dict):
 def time_config(kind, cfg, N, H, HV, K, V, C, sdt, dev, in_dt, gen):
     from benchmarks.bench_decode import bench_kvbuffer
     from benchmarks.bench_verify import bench_kvbuffer_verify
-    from vllm_kvbuffer.kernels import triton_impl
-    triton_impl.CONFIG_OVERRIDE.clear()
-    triton_impl.CONFIG_OVERRIDE[kind] = dict(cfg)
+    from vllm_kvbuffer.kernels import tuning
+    tuning.CONFIG_OVERRIDE.clear()
+    tuning.CONFIG_OVERRIDE[kind] = dict(cfg)
     try:
         if kind == "decode":
             return bench_kvbuffer(N, H, HV, K, V, C, sdt, dev, in_dt, gen, False)[0]
         # block and flush are timed together (verify + accept, 4 drafts); only `kind` varies.
         return bench_kvbuffer_verify(N, 5, H, HV, K, V, sdt, dev, in_dt, gen, False)[0]
     finally:
-        triton_impl.CONFIG_OVERRIDE.clear()
+        tuning.CONFIG_OVERRIDE.clear()
 
 
 def _save(result, out):
@@ -64,7 +64,7 @@ def main(argv=None):
     dev, preset, in_dt = common.device_setup(args, "tune.py")
     if args.smoke:
         batches, tps, sdts, C = [2], [1], ["fp32"], 4
-        spaces = {"decode": dict(BV=(16,), num_warps=(4,), flush_dot=(False, True)),
+        spaces = {"decode": dict(BV=(16,), num_warps=(4,), num_stages=(2, 3)),
                   "block": dict(BV=(16,), num_warps=(4,)), "flush": dict(BV=(16,),
                                                                          num_warps=(4,))}
         name = "cpu smoke"

@@ -7,7 +7,7 @@ import warnings
 import pytest
 import torch
 
-from vllm_kvbuffer.kernels import allocate_cache, triton_impl, tuning
+from vllm_kvbuffer.kernels import allocate_cache, tuning
 
 SHAPE = dict(H=2, HV=4, K=16, V=16, C=8, state_dtype="float32")
 
@@ -43,18 +43,18 @@ def test_picks_config_by_shape_and_batch(fake_gpu):
     # Through the Triton wrapper's config selection (the cache's shape is SHAPE).
     cache = allocate_cache(4, num_k_heads=2, num_v_heads=4, head_k_dim=16, head_v_dim=16,
                            chunk_size=8)
-    cfg = triton_impl.launch_config(cache, "decode", batch=4)
+    cfg = tuning.launch_config(cache, "decode", batch=4)
     assert (cfg["BV"], cfg["num_warps"], cfg["splits"], cfg["BK"]) == (32, 8, 2, 16)
-    assert triton_impl.launch_config(cache, "block")["BV"] == 8
-    assert triton_impl.launch_config(cache, "flush")["BV"] == 16       # default kept
+    assert tuning.launch_config(cache, "block")["BV"] == 8
+    assert tuning.launch_config(cache, "flush")["BV"] == 16       # default kept
 
 
 def test_override_beats_tuned(fake_gpu, monkeypatch):
     write(fake_gpu, {"decode": [{"shape": SHAPE, "config": {"BV": 32}}]})
-    monkeypatch.setitem(triton_impl.CONFIG_OVERRIDE, "decode", {"BV": 64})
+    monkeypatch.setitem(tuning.CONFIG_OVERRIDE, "decode", {"BV": 64})
     cache = allocate_cache(4, num_k_heads=2, num_v_heads=4, head_k_dim=16, head_v_dim=16,
                            chunk_size=8)
-    assert triton_impl.launch_config(cache, "decode", batch=1)["BV"] == 64
+    assert tuning.launch_config(cache, "decode", batch=1)["BV"] == 64
 
 
 def test_missing_file_warns_once_and_uses_defaults(fake_gpu):
@@ -63,7 +63,7 @@ def test_missing_file_warns_once_and_uses_defaults(fake_gpu):
     tuning.clear_caches()
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        cfgs = [triton_impl.launch_config(cache, kind, batch=b)
+        cfgs = [tuning.launch_config(cache, kind, batch=b)
                 for kind in ("decode", "block", "flush") for b in (1, 64)]
     mine = [x for x in w if "no tuned launch configs" in str(x.message)]
     assert len(mine) == 1

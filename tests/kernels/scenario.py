@@ -9,6 +9,7 @@ scenario never touches must stay bit-for-bit unchanged. Shared by the torch and 
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 
 import torch
@@ -40,7 +41,8 @@ class Dims:
 
 def make_cache(d: Dims, *, dtype=torch.float64, state_dtype=torch.float64, device="cpu",
                strided: bool = False) -> KVBufferCache:
-    """A NaN-poisoned pool; ``strided=True`` builds every tensor as a view into a padded page."""
+    """A NaN-poisoned pool; ``strided=True`` builds every tensor as a view into padded pages
+    (like vLLM's: each slot is contiguous, slot strides larger than a slot)."""
     if not strided:
         return allocate_cache(d.S, num_k_heads=d.H, num_v_heads=d.HV, head_k_dim=d.K,
                               head_v_dim=d.V, chunk_size=d.C, max_draft_tokens=d.D, dtype=dtype,
@@ -50,8 +52,9 @@ def make_cache(d: Dims, *, dtype=torch.float64, state_dtype=torch.float64, devic
     nan = float("nan")
 
     def padded(shape, dt, pad=3):
-        base = torch.full(shape[:-1] + (shape[-1] + pad,), nan, dtype=dt, device=device)
-        return base[..., : shape[-1]]
+        size = math.prod(shape[1:])
+        base = torch.full((shape[0], size + pad), nan, dtype=dt, device=device)
+        return base[:, :size].view(shape)
 
     # The state view is slot-strided like a vLLM page: slot stride > HV*V*K.
     state_page = torch.full((d.S, d.HV * d.V * d.K + 37), nan, dtype=state_dtype, device=device)

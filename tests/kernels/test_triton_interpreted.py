@@ -89,9 +89,9 @@ def test_decode_tile_loop_and_splits(splits, monkeypatch):
     """Large batches run one program per (sequence, head) looping over all V tiles; small ones
     split the tiles. Force both layouts (3 V tiles: V=40, BV=16; with 2 splits the second program
     also owns a tile past V) and check decode, flushes included, against the recurrence."""
-    from vllm_kvbuffer.kernels import triton_impl
+    from vllm_kvbuffer.kernels import tuning
 
-    monkeypatch.setitem(triton_impl.CONFIG_OVERRIDE, "decode", {"BV": 16, "splits": splits})
+    monkeypatch.setitem(tuning.CONFIG_OVERRIDE, "decode", {"BV": 16, "splits": splits})
     d = Dims(H=2, HV=4, K=8, V=40, C=4, D=0, S=6)
     sc = Scenario(d, backend="triton", dtype=torch.float32, state_dtype=torch.float32,
                   device=DEVICE, seed=splits)

@@ -52,7 +52,7 @@ def _resolve_backend(backend: str, cache: KVBufferCache) -> str:
             raise NotImplementedError(
                 f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 for CPU tensors; "
                 f"the cache is on {cache.device}")
-        from . import triton_impl  # noqa: F401  (import errors surface here, not at package import)
+        from . import triton  # noqa: F401  (import errors surface here, not at package import)
     return backend
 
 
@@ -62,8 +62,8 @@ def _impl(backend: str):
     if backend == "cpu":
         from . import cpu_impl
         return cpu_impl
-    from . import triton_impl
-    return triton_impl
+    from . import triton
+    return triton
 
 
 def _check_cache(cache) -> None:

@@ -33,7 +33,6 @@ The process must not have ``TRITON_INTERPRET=1`` (interpreted kernels cannot be 
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import contextlib
 import dataclasses
@@ -45,7 +44,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import textwrap
 
 # sm_90 (H100 / H200) resource limits used for programs per SM.
 SM90 = dict(regs=65536, reg_unit=256, max_warps=64, max_blocks=32, smem=233472,
@@ -135,8 +133,8 @@ def _inputs(lead, H, HV, K, V, dtype):
 
 
 def _backend():
-    from . import triton_impl
-    return triton_impl
+    from . import triton
+    return triton
 
 
 def run_config(name: str, *, batch: int = 128, C: int = 16, D: int = 4, state: str = "float32",
@@ -164,7 +162,7 @@ def run_config(name: str, *, batch: int = 128, C: int = 16, D: int = 4, state: s
             cu = torch.arange(0, (batch + 1) * prefill_len, prefill_len, dtype=torch.int32)
             tb.prefill(cache, slots, *_inputs((batch * prefill_len,), H, HV, K, V, mdt), cu, **kw)
         else:
-            raise ValueError(f"config: expected one of decode, verify, accept, prefill, got {name!r}")
+            raise ValueError(f"config: expected one of {DEFAULT_CONFIGS}, got {name!r}")
     for la in launches:
         la.config = name
     return launches

@@ -1,4 +1,5 @@
-"""Per-device launch configs for the Triton kernels, written by ``benchmarks/tune.py``.
+"""Launch policy of the Triton kernels: built-in defaults per shape, refined by per-device
+configs written by ``benchmarks/tune.py``, overridden by :data:`CONFIG_OVERRIDE`.
 
 ``configs/<device>.json`` (device name with every run of non-alphanumerics replaced by ``_``,
 e.g. ``NVIDIA_H100_80GB_HBM3.json``) holds, per kernel kind, entries chosen by shape::
@@ -21,6 +22,7 @@ from __future__ import annotations
 
 import functools
 import json
+import math
 import logging
 import pathlib
 import re
@@ -30,7 +32,7 @@ CONFIG_DIR = pathlib.Path(__file__).resolve().parent / "configs"
 SHAPE_KEYS = ("H", "HV", "K", "V", "C", "state_dtype")
 # Launch parameters each kind accepts, with their type.
 ALLOWED = {
-    "decode": {"BV": int, "num_warps": int, "num_stages": int, "splits": int, "flush_dot": bool},
+    "decode": {"BV": int, "num_warps": int, "num_stages": int, "splits": int},
     "block": {"BV": int, "num_warps": int},
     "flush": {"BV": int, "num_warps": int},
 }
@@ -155,3 +157,56 @@ def clear_caches() -> None:
     load.cache_clear()
     _memo.clear()
     _warned.clear()
+
+
+# ------------------------------------------------------------------------------------------------
+# Launch policy
+# ------------------------------------------------------------------------------------------------
+# Benchmarks and the tuning script may pin launch parameters here, per kernel kind:
+# {"decode": {"BV": .., "num_warps": .., "num_stages": .., "splits": ..}, "block": {...}, ...}.
+CONFIG_OVERRIDE: dict = {}
+# Below this many (sequence, value head) programs the decode V tiles are split over several
+# programs so that every SM has work (a shape decision, never a data one: CUDA-graph safe).
+DECODE_SPLIT_BELOW = 2048
+
+
+def pow2(x: int, lo: int = 16) -> int:
+    """Smallest power of two >= max(x, lo) (tl.dot needs every block dim >= 16)."""
+    return max(lo, 1 << max(0, math.ceil(math.log2(max(1, x)))))
+
+
+def tuning_shape(cache, kind: str) -> dict:
+    """The shape keys a tuned config is chosen by (see :data:`SHAPE_KEYS`)."""
+    shape = dict(H=cache.num_k_heads, HV=cache.num_v_heads, K=cache.head_k_dim,
+                 V=cache.head_v_dim, state_dtype=str(cache.state_dtype).replace("torch.", ""))
+    if kind == "decode":
+        shape["C"] = cache.chunk_size
+    return shape
+
+
+def launch_config(cache, kind: str = "decode", batch: int | None = None) -> dict:
+    """Fixed per-shape launch parameters (no runtime autotune for kernels that write state).
+
+    decode: a program per (sequence, value head) streams the head's state in ``[BV, BK]`` tiles
+    through a loop Triton software-pipelines (``num_stages`` tiles in shared memory, async
+    copies). For fp32 K = V = 128, 16-row tiles with 4 stages keep three 8 KB tiles in flight per
+    program at 96 registers, five programs per SM (``python -m vllm_kvbuffer.kernels.audit``
+    reports these numbers for a shape); 32-row tiles need 128 registers and spill.
+    At small batch the tiles are split over ``splits`` programs per head to fill the GPU.
+    block (verify, prefill) and flush: one program per (sequence, value head, V tile).
+    """
+    K, V = cache.head_k_dim, cache.head_v_dim
+    BK = pow2(K)
+    if kind == "decode":
+        BV = min(pow2(V), 16)
+        nv = -(-V // BV)
+        programs = (batch or 1) * cache.num_v_heads
+        cfg = dict(BK=BK, BV=BV, num_warps=4, num_stages=4,
+                   splits=nv if programs < DECODE_SPLIT_BELOW else 1)
+    else:
+        BV = min(pow2(V), 16 if BK >= 128 else 32)
+        cfg = dict(BK=BK, BV=BV, num_warps=4)
+    # Per-device tuned configs (benchmarks/tune.py) refine the defaults; overrides win over both.
+    cfg.update(lookup(kind, tuning_shape(cache, kind), batch, cache.device))
+    cfg.update(CONFIG_OVERRIDE.get(kind, {}))
+    return cfg
