@@ -8,6 +8,7 @@ export KVB_CACHE := $(CURDIR)/.cache
 export VLLM_CACHE_ROOT := $(KVB_CACHE)/vllm
 export TRITON_CACHE_DIR := $(KVB_CACHE)/triton
 export TORCHINDUCTOR_CACHE_DIR := $(KVB_CACHE)/inductor
+export NUMBA_CACHE_DIR := $(KVB_CACHE)/numba
 export XDG_CACHE_HOME := $(KVB_CACHE)/xdg
 export HF_HOME := $(KVB_CACHE)/hf
 export HF_HUB_OFFLINE := 1

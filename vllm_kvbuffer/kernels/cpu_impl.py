@@ -43,7 +43,7 @@ from .validation import check
 
 # Reassociation lets LLVM vectorise the dot products; no nnan/ninf, so NaN and inf still propagate.
 _FASTMATH = {"reassoc", "contract", "nsz"}
-_NJIT = dict(cache=True, fastmath=_FASTMATH, nogil=True)
+_NJIT = {"cache": True, "fastmath": _FASTMATH, "nogil": True}
 L2NORM_EPS = 1e-6
 
 
@@ -84,7 +84,7 @@ def _ld(x):
     """Widen one stored element to its arithmetic type (fp32, or float64 for float64)."""
 
 
-@overload(_ld, inline="always")
+@overload(_ld)
 def _ld_impl(x):
     if x == types.uint16:
         return lambda x: _bf16_to_f32(x)
@@ -95,7 +95,7 @@ def _ld_impl(x):
     return None
 
 
-@njit(inline="always")
+@njit(**_NJIT)
 def _f32_to_bf16(x):
     # Round to nearest even, as torch's .to(torch.bfloat16); NaN stays a (quiet) NaN.
     b = _f32_bits(np.float32(x))
@@ -109,7 +109,7 @@ def _st(a, i, x):
     """``a[i] = x`` rounded to ``a``'s storage dtype."""
 
 
-@overload(_st, inline="always")
+@overload(_st)
 def _st_impl(a, i, x):
     dt = a.dtype
     if dt == types.uint16:
@@ -136,7 +136,7 @@ _S_STATE, _S_BK, _S_BU, _S_BG, _S_META = 0, 3, 6, 9, 12
 _S_Q, _S_K, _S_V, _S_G, _S_B, _S_O = 14, 16, 18, 20, 22, 24
 
 
-@njit(inline="always")
+@njit(**_NJIT)
 def _load_key(dst, src, off, K, l2, mult):
     """``dst[:K] = mult * l2norm(src[off:off+K])`` (or without the norm) in dst's dtype."""
     ss = dst.dtype.type(0.0)
@@ -151,31 +151,42 @@ def _load_key(dst, src, off, K, l2, mult):
         dst[kk] *= f
 
 
-@njit(inline="always")
+@njit(**_NJIT)
 def _state_dots(state, base, rs, V, K, vecs, nvec, out):
-    """``out[i, v] = state[base + v*rs : +K] . vecs[i]`` for the ``nvec`` vectors, four rows per
-    iteration so that each vector element loaded serves four state rows."""
+    """``out[i, v] = state[base + v*rs : +K] . vecs[i]`` for the ``nvec`` (even) vectors: four
+    rows and two vectors per iteration, so that every element loaded feeds several FMAs."""
+    z = out.dtype.type(0.0)
     v0 = 0
     while v0 + 4 <= V:
         o0 = base + v0 * rs
         o1 = o0 + rs
         o2 = o1 + rs
         o3 = o2 + rs
-        for i in range(nvec):
-            a0 = out.dtype.type(0.0)
-            a1 = out.dtype.type(0.0)
-            a2 = out.dtype.type(0.0)
-            a3 = out.dtype.type(0.0)
+        for i in range(0, nvec, 2):
+            a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = z
             for kk in range(K):
                 x = vecs[i, kk]
-                a0 += _ld(state[o0 + kk]) * x
-                a1 += _ld(state[o1 + kk]) * x
-                a2 += _ld(state[o2 + kk]) * x
-                a3 += _ld(state[o3 + kk]) * x
+                y = vecs[i + 1, kk]
+                s0 = _ld(state[o0 + kk])
+                s1 = _ld(state[o1 + kk])
+                s2 = _ld(state[o2 + kk])
+                s3 = _ld(state[o3 + kk])
+                a0 += s0 * x
+                a1 += s1 * x
+                a2 += s2 * x
+                a3 += s3 * x
+                b0 += s0 * y
+                b1 += s1 * y
+                b2 += s2 * y
+                b3 += s3 * y
             out[i, v0] = a0
             out[i, v0 + 1] = a1
             out[i, v0 + 2] = a2
             out[i, v0 + 3] = a3
+            out[i + 1, v0] = b0
+            out[i + 1, v0 + 1] = b1
+            out[i + 1, v0 + 2] = b2
+            out[i + 1, v0 + 3] = b3
         v0 += 4
     for v in range(v0, V):
         o = base + v * rs
@@ -186,7 +197,7 @@ def _state_dots(state, base, rs, V, K, vecs, nvec, out):
             out[i, v] = a
 
 
-@njit(inline="always")
+@njit(**_NJIT)
 def _fold_rows(state, base, rs, V, K, has, KH, U, G, m, row, dst, dbase, drs, dks):
     """Fold the first ``m`` buffered rows into the state block at ``base``:
     ``S_m = exp(G_m) S0 + sum_{j<m} exp(G_m - G_j) k_hat_j u_j^T``, row by row, written to ``dst``
@@ -216,6 +227,107 @@ def _fold_rows(state, base, rs, V, K, has, KH, U, G, m, row, dst, dbase, drs, dk
 
 
 # -- decode / verify / prefill ---------------------------------------------------------------------
+@njit(**_NJIT)
+def _tokens_pair(n, h, slots, cu, commit, C, scale, l2, ratio, K, V, B,
+                 q, k, v, g, beta, out, state, bk, bu, bg, meta, st):
+    """Sequence ``n``, value head ``h`` of :func:`_tokens_kernel`."""
+    acc = bu.dtype
+    s = slots[n]
+    t_lo = cu[n]
+    t_hi = cu[n + 1]
+    if s < 0:
+        for t in range(t_lo, t_hi):
+            ob = t * st[_S_O] + h * st[_S_O + 1]
+            for vv in range(V):
+                _st(out, ob + vv, 0.0)
+        return
+    kh = h // ratio
+    L = meta[s * st[_S_META] + META_LEN * st[_S_META + 1]]
+    has = meta[s * st[_S_META] + META_HAS_STATE * st[_S_META + 1]] != 0
+    sbase = s * st[_S_STATE] + h * st[_S_STATE + 1]
+    rs = st[_S_STATE + 2]
+    KH = np.empty((B, K), acc)            # normalised keys: history rows, then new tokens
+    U = np.empty((B, V), acc)             # corrected values
+    G = np.empty(B, acc)                  # cumulative log-decay since the last flush
+    nmax = B if not commit else C
+    QB = np.empty((2 * nmax, K), acc)     # rows 0..n-1: new keys, n..2n-1: scaled queries
+    R = np.empty((2 * nmax, V), acc)      # S0^T k_hat, S0^T q_hat per new token
+    orow = np.empty(V, acc)
+    frow = np.empty(K, acc)
+    for j in range(L):
+        _load_key(KH[j], bk, s * st[_S_BK] + j * st[_S_BK + 1] + kh * st[_S_BK + 2], K, l2,
+                  1.0)
+        ub = s * st[_S_BU] + j * st[_S_BU + 1] + h * st[_S_BU + 2]
+        for vv in range(V):
+            U[j, vv] = bu[ub + vv]
+        G[j] = bg[s * st[_S_BG] + j * st[_S_BG + 1] + h * st[_S_BG + 2]]
+    pos = t_lo
+    while pos < t_hi:
+        nseg = min(t_hi - pos, C - L) if commit else t_hi - pos
+        Gp = G[L - 1] if L > 0 else acc.type(0.0)
+        for t in range(nseg):
+            tok = pos + t
+            i = L + t
+            _load_key(QB[t], k, tok * st[_S_K] + kh * st[_S_K + 1], K, l2, 1.0)
+            _load_key(QB[nseg + t], q, tok * st[_S_Q] + kh * st[_S_Q + 1], K, l2, scale)
+            for kk in range(K):
+                KH[i, kk] = QB[t, kk]
+            Gp = Gp + acc.type(_ld(g[tok * st[_S_G] + h * st[_S_G + 1]]))
+            G[i] = Gp
+        if has:
+            _state_dots(state, sbase, rs, V, K, QB, 2 * nseg, R)
+        for t in range(nseg):
+            tok = pos + t
+            i = L + t
+            eG = np.exp(G[i])
+            bt = acc.type(_ld(beta[tok * st[_S_B] + h * st[_S_B + 1]]))
+            vb = tok * st[_S_V] + h * st[_S_V + 1]
+            if has:
+                for vv in range(V):
+                    orow[vv] = acc.type(_ld(v[vb + vv])) - eG * R[t, vv]
+            else:
+                for vv in range(V):
+                    orow[vv] = acc.type(_ld(v[vb + vv]))
+            # u_i = beta_i (v_i - exp(G_i) S0^T k_i - sum_{j<i} exp(G_i - G_j)(k_i.k_j) u_j):
+            # forward substitution of the block's unit lower-triangular system.
+            for j in range(i):
+                d = acc.type(0.0)
+                for kk in range(K):
+                    d += KH[i, kk] * KH[j, kk]
+                c = np.exp(G[i] - G[j]) * d
+                for vv in range(V):
+                    orow[vv] -= c * U[j, vv]
+            for vv in range(V):
+                U[i, vv] = bt * orow[vv]
+            # o_i = exp(G_i) S0^T q_i + sum_{j<=i} exp(G_i - G_j)(q_i.k_j) u_j
+            if has:
+                for vv in range(V):
+                    orow[vv] = eG * R[nseg + t, vv]
+            else:
+                for vv in range(V):
+                    orow[vv] = acc.type(0.0)
+            for j in range(i + 1):
+                d = acc.type(0.0)
+                for kk in range(K):
+                    d += QB[nseg + t, kk] * KH[j, kk]
+                c = np.exp(G[i] - G[j]) * d
+                for vv in range(V):
+                    orow[vv] += c * U[j, vv]
+            ob = tok * st[_S_O] + h * st[_S_O + 1]
+            for vv in range(V):
+                _st(out, ob + vv, orow[vv])
+            ub = s * st[_S_BU] + i * st[_S_BU + 1] + h * st[_S_BU + 2]
+            for vv in range(V):
+                bu[ub + vv] = U[i, vv]
+            bg[s * st[_S_BG] + i * st[_S_BG + 1] + h * st[_S_BG + 2]] = G[i]
+        L += nseg
+        pos += nseg
+        if commit and L >= C:
+            _fold_rows(state, sbase, rs, V, K, has, KH, U, G, L, frow, state, sbase, rs, 1)
+            has = True
+            L = 0
+
+
 @njit(parallel=True, **_NJIT)
 def _tokens_kernel(slots, cu, commit, C, scale, l2, ratio, HV, K, V, B,
                    q, k, v, g, beta, out, state, bk, bu, bg, meta, st):
@@ -227,104 +339,15 @@ def _tokens_kernel(slots, cu, commit, C, scale, l2, ratio, HV, K, V, B,
     zero, nothing else touched.
     """
     N = slots.shape[0]
-    acc = bu.dtype
     for p in prange(N * HV):
-        n = p // HV
-        h = p - n * HV
-        s = slots[n]
-        t_lo = cu[n]
-        t_hi = cu[n + 1]
-        if s < 0:
-            for t in range(t_lo, t_hi):
-                ob = t * st[_S_O] + h * st[_S_O + 1]
-                for vv in range(V):
-                    _st(out, ob + vv, 0.0)
-            continue
-        kh = h // ratio
-        L = meta[s * st[_S_META] + META_LEN * st[_S_META + 1]]
-        has = meta[s * st[_S_META] + META_HAS_STATE * st[_S_META + 1]] != 0
-        sbase = s * st[_S_STATE] + h * st[_S_STATE + 1]
-        rs = st[_S_STATE + 2]
-        KH = np.empty((B, K), acc)            # normalised keys: history rows, then new tokens
-        U = np.empty((B, V), acc)             # corrected values
-        G = np.empty(B, acc)                  # cumulative log-decay since the last flush
-        nmax = B if not commit else C
-        QB = np.empty((2 * nmax, K), acc)     # rows 0..n-1: new keys, n..2n-1: scaled queries
-        R = np.empty((2 * nmax, V), acc)      # S0^T k_hat, S0^T q_hat per new token
-        orow = np.empty(V, acc)
-        frow = np.empty(K, acc)
-        for j in range(L):
-            _load_key(KH[j], bk, s * st[_S_BK] + j * st[_S_BK + 1] + kh * st[_S_BK + 2], K, l2,
-                      1.0)
-            ub = s * st[_S_BU] + j * st[_S_BU + 1] + h * st[_S_BU + 2]
-            for vv in range(V):
-                U[j, vv] = bu[ub + vv]
-            G[j] = bg[s * st[_S_BG] + j * st[_S_BG + 1] + h * st[_S_BG + 2]]
-        pos = t_lo
-        while pos < t_hi:
-            nseg = min(t_hi - pos, C - L) if commit else t_hi - pos
-            Gp = G[L - 1] if L > 0 else acc.type(0.0)
-            for t in range(nseg):
-                tok = pos + t
-                i = L + t
-                _load_key(QB[t], k, tok * st[_S_K] + kh * st[_S_K + 1], K, l2, 1.0)
-                _load_key(QB[nseg + t], q, tok * st[_S_Q] + kh * st[_S_Q + 1], K, l2, scale)
-                for kk in range(K):
-                    KH[i, kk] = QB[t, kk]
-                Gp = Gp + acc.type(_ld(g[tok * st[_S_G] + h * st[_S_G + 1]]))
-                G[i] = Gp
-            if has:
-                _state_dots(state, sbase, rs, V, K, QB, 2 * nseg, R)
-            for t in range(nseg):
-                tok = pos + t
-                i = L + t
-                eG = np.exp(G[i])
-                bt = acc.type(_ld(beta[tok * st[_S_B] + h * st[_S_B + 1]]))
-                vb = tok * st[_S_V] + h * st[_S_V + 1]
-                if has:
-                    for vv in range(V):
-                        orow[vv] = acc.type(_ld(v[vb + vv])) - eG * R[t, vv]
-                else:
-                    for vv in range(V):
-                        orow[vv] = acc.type(_ld(v[vb + vv]))
-                # u_i = beta_i (v_i - exp(G_i) S0^T k_i - sum_{j<i} exp(G_i - G_j)(k_i.k_j) u_j):
-                # forward substitution of the block's unit lower-triangular system.
-                for j in range(i):
-                    d = acc.type(0.0)
-                    for kk in range(K):
-                        d += KH[i, kk] * KH[j, kk]
-                    c = np.exp(G[i] - G[j]) * d
-                    for vv in range(V):
-                        orow[vv] -= c * U[j, vv]
-                for vv in range(V):
-                    U[i, vv] = bt * orow[vv]
-                # o_i = exp(G_i) S0^T q_i + sum_{j<=i} exp(G_i - G_j)(q_i.k_j) u_j
-                if has:
-                    for vv in range(V):
-                        orow[vv] = eG * R[nseg + t, vv]
-                else:
-                    for vv in range(V):
-                        orow[vv] = acc.type(0.0)
-                for j in range(i + 1):
-                    d = acc.type(0.0)
-                    for kk in range(K):
-                        d += QB[nseg + t, kk] * KH[j, kk]
-                    c = np.exp(G[i] - G[j]) * d
-                    for vv in range(V):
-                        orow[vv] += c * U[j, vv]
-                ob = tok * st[_S_O] + h * st[_S_O + 1]
-                for vv in range(V):
-                    _st(out, ob + vv, orow[vv])
-                ub = s * st[_S_BU] + i * st[_S_BU + 1] + h * st[_S_BU + 2]
-                for vv in range(V):
-                    bu[ub + vv] = U[i, vv]
-                bg[s * st[_S_BG] + i * st[_S_BG + 1] + h * st[_S_BG + 2]] = G[i]
-            L += nseg
-            pos += nseg
-            if commit and L >= C:
-                _fold_rows(state, sbase, rs, V, K, has, KH, U, G, L, frow, state, sbase, rs, 1)
-                has = True
-                L = 0
+        _tokens_pair(p // HV, p % HV, slots, cu, commit, C, scale, l2, ratio, K, V, B,
+                     q, k, v, g, beta, out, state, bk, bu, bg, meta, st)
+    _tokens_finish(slots, cu, commit, C, ratio, HV, K, k, bk, meta, st)
+
+
+@njit(**_NJIT)
+def _tokens_finish(slots, cu, commit, C, ratio, HV, K, k, bk, meta, st):
+    N = slots.shape[0]
     # Raw keys and meta rows last: the value heads sharing a key head read its history rows
     # above, and a prefill that flushes reuses those rows for its tail.
     H = HV // ratio
@@ -369,43 +392,48 @@ def _fold_kernel(slots, lengths, l2, ratio, HV, K, V, state, bk, bu, bg, meta, s
     ``dst[n, h, k, v]`` (strides ``dst_st``) and leave the pool alone (padding: zero block).
     """
     N = slots.shape[0]
-    acc = bu.dtype
     for p in prange(N * HV):
-        n = p // HV
-        h = p - n * HV
-        s = slots[n]
-        m = lengths[n]
-        if s < 0 or m < 0:
-            if not to_state:
-                for kk in range(K):
-                    for vv in range(V):
-                        dst[n * dst_st[0] + h * dst_st[1] + kk * dst_st[2] + vv * dst_st[3]] = 0.0
-            continue
-        kh = h // ratio
-        has = meta[s * st[_S_META] + META_HAS_STATE * st[_S_META + 1]] != 0
-        KH = np.empty((max(m, 1), K), acc)
-        U = np.empty((max(m, 1), V), acc)
-        G = np.empty(max(m, 1), acc)
-        frow = np.empty(K, acc)
-        for j in range(m):
-            _load_key(KH[j], bk, s * st[_S_BK] + j * st[_S_BK + 1] + kh * st[_S_BK + 2], K, l2,
-                      1.0)
-            ub = s * st[_S_BU] + j * st[_S_BU + 1] + h * st[_S_BU + 2]
-            for vv in range(V):
-                U[j, vv] = bu[ub + vv]
-            G[j] = bg[s * st[_S_BG] + j * st[_S_BG + 1] + h * st[_S_BG + 2]]
-        sbase = s * st[_S_STATE] + h * st[_S_STATE + 1]
-        rs = st[_S_STATE + 2]
-        if to_state:
-            _fold_rows(state, sbase, rs, V, K, has, KH, U, G, m, frow, state, sbase, rs, 1)
-        else:
-            _fold_rows(state, sbase, rs, V, K, has, KH, U, G, m, frow, dst,
-                       n * dst_st[0] + h * dst_st[1], dst_st[3], dst_st[2])
+        _fold_pair(p // HV, p % HV, slots, lengths, l2, ratio, K, V, state, bk, bu, bg, meta, st,
+                   dst, dst_st, to_state)
     if to_state:
         # HAS_STATE last: every pair above read whether its slot had a state before the fold.
         for n in range(N):
             if slots[n] >= 0 and lengths[n] >= 0:
                 meta[slots[n] * st[_S_META] + META_HAS_STATE * st[_S_META + 1]] = 1
+
+
+@njit(**_NJIT)
+def _fold_pair(n, h, slots, lengths, l2, ratio, K, V, state, bk, bu, bg, meta, st, dst, dst_st,
+               to_state):
+    acc = bu.dtype
+    s = slots[n]
+    m = lengths[n]
+    if s < 0 or m < 0:
+        if not to_state:
+            for kk in range(K):
+                for vv in range(V):
+                    dst[n * dst_st[0] + h * dst_st[1] + kk * dst_st[2] + vv * dst_st[3]] = 0.0
+        return
+    kh = h // ratio
+    has = meta[s * st[_S_META] + META_HAS_STATE * st[_S_META + 1]] != 0
+    KH = np.empty((max(m, 1), K), acc)
+    U = np.empty((max(m, 1), V), acc)
+    G = np.empty(max(m, 1), acc)
+    frow = np.empty(K, acc)
+    for j in range(m):
+        _load_key(KH[j], bk, s * st[_S_BK] + j * st[_S_BK + 1] + kh * st[_S_BK + 2], K, l2,
+                  1.0)
+        ub = s * st[_S_BU] + j * st[_S_BU + 1] + h * st[_S_BU + 2]
+        for vv in range(V):
+            U[j, vv] = bu[ub + vv]
+        G[j] = bg[s * st[_S_BG] + j * st[_S_BG + 1] + h * st[_S_BG + 2]]
+    sbase = s * st[_S_STATE] + h * st[_S_STATE + 1]
+    rs = st[_S_STATE + 2]
+    if to_state:
+        _fold_rows(state, sbase, rs, V, K, has, KH, U, G, m, frow, state, sbase, rs, 1)
+    else:
+        _fold_rows(state, sbase, rs, V, K, has, KH, U, G, m, frow, dst,
+                   n * dst_st[0] + h * dst_st[1], dst_st[3], dst_st[2])
 
 
 @njit(**_NJIT)
@@ -469,9 +497,16 @@ def _pool(cache: KVBufferCache):
     return hit
 
 
-def _set_threads() -> None:
+# Below this many state elements touched per call, one thread: waking the pool costs more than
+# the work, and on a busy machine a parallel region waits for its slowest (descheduled) thread.
+_SERIAL_BELOW = 1 << 16
+
+
+def _set_threads(work: int) -> None:
     # vLLM's CPU worker sizes (and binds) torch's OpenMP pool to its cores: use as many.
     n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    if work < _SERIAL_BELOW:
+        n = 1
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
 
@@ -492,7 +527,7 @@ def _run_tokens(cache: KVBufferCache, slots: torch.Tensor, cu: np.ndarray, q, k,
     st = np.array(pst + [q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0),
                          v.stride(1), g.stride(0), g.stride(1), beta.stride(0), beta.stride(1),
                          out.stride(0), out.stride(1)], dtype=np.int64)
-    _set_threads()
+    _set_threads(slots.shape[0] * cache.num_v_heads * cache.head_k_dim * cache.head_v_dim)
     _tokens_kernel(slots.numpy().astype(np.int64), cu, commit, cache.chunk_size, float(scale),
                    use_qk_l2norm, cache.num_v_heads // cache.num_k_heads, cache.num_v_heads,
                    cache.head_k_dim, cache.head_v_dim, cache.capacity,
@@ -539,7 +574,7 @@ def accept(cache, slots, num_accepted, *, use_qk_l2norm):
                     lengths)
     if (lengths >= 0).any():
         # LEN is already 0 for the slots to flush; the fold sets HAS_STATE after reading it.
-        _set_threads()
+        _set_threads(sl.shape[0] * cache.num_v_heads * cache.head_k_dim * cache.head_v_dim)
         _fold_kernel(sl, lengths, use_qk_l2norm, cache.num_v_heads // cache.num_k_heads,
                      cache.num_v_heads, cache.head_k_dim, cache.head_v_dim, state, bk, bu, bg,
                      meta, st, bu, st, True)
@@ -555,7 +590,7 @@ def materialize_state(cache, slots, *, use_qk_l2norm):
     lengths = np.full(N, -1, dtype=np.int64)
     valid = sl >= 0
     lengths[valid] = cache.meta[torch.from_numpy(sl[valid]), META_LEN].numpy()
-    _set_threads()
+    _set_threads(N * cache.num_v_heads * cache.head_k_dim * cache.head_v_dim)
     _fold_kernel(sl, lengths, use_qk_l2norm, cache.num_v_heads // cache.num_k_heads,
                  cache.num_v_heads, cache.head_k_dim, cache.head_v_dim, state, bk, bu, bg, meta,
                  st, _flat(out), np.array(out.stride(), dtype=np.int64), False)

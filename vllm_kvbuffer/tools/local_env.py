@@ -17,6 +17,7 @@ _CACHE_DIRS = {
     "VLLM_CACHE_ROOT": "vllm",
     "TRITON_CACHE_DIR": "triton",
     "TORCHINDUCTOR_CACHE_DIR": "inductor",
+    "NUMBA_CACHE_DIR": "numba",          # the CPU backend's compiled kernels
     "XDG_CACHE_HOME": "xdg",
     "HF_HOME": "hf",
     "TMPDIR": "tmp",
