@@ -37,6 +37,9 @@ step() {  # step NAME LIMIT_S CMD...
   grep -v -i warning "$OUT/$name.log" | tail -n "${TAIL:-8}"
 }
 
+# The kernels' static structure compiled by this machine's Triton (issue 12 audit: registers,
+# state loads in flight, round trips), beside the timings it explains.
+step audit "${AUDIT_TIMEOUT:-90}" python3 -m vllm_kvbuffer.kernels.audit --out "$OUT/audit.json"
 step decode "${DECODE_TIMEOUT:-150}" python3 -m benchmarks.bench_decode --plot \
   --out "$OUT/decode.json" --tp 1 --batch 1,8,64,256,512 --chunk 8,16,32,64 --state-dtype fp32,bf16
 step decode_tp4 "${DECODE4_TIMEOUT:-35}" python3 -m benchmarks.bench_decode --plot \
@@ -52,6 +55,7 @@ step tune "${TUNE_TIMEOUT:-70}" python3 -m benchmarks.tune --batch 8,128 --tp 1,
 echo "== GPU tests (t=$(( $(date +%s) - T0 ))s)"
 timeout "${TEST_TIMEOUT:-120}" python3 -m pytest -q -p no:cacheprovider -rA \
   tests/kernels/test_triton_gpu.py tests/kernels/test_triton_interpreted.py \
+  tests/kernels/test_triton_compile.py \
   tests/model_executor/test_gdn_core_gpu.py \
   > "$OUT/gpu_tests.log" 2>&1
 echo "tests exit: $?"

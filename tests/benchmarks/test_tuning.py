@@ -88,7 +88,7 @@ def test_cpu_device_never_warns():
     ({"decode": [{"shape": SHAPE, "config": {"BV": 16, "bogus": 1}}]}, "kinds.decode[0].config.bogus"),
     ({"decode": [{"shape": {"Q": 1}, "config": {}}]}, "kinds.decode[0].shape"),
     ({"decode": [{"shape": SHAPE, "batch_le": 0, "config": {}}]}, "kinds.decode[0].batch_le"),
-    ({"verify": []}, "kinds.verify"),
+    ({"prefill": []}, "kinds.prefill"),
     ({"decode": {}}, "kinds.decode"),
     ({"block": [{"shape": SHAPE}]}, "kinds.block[0].config"),
 ])

@@ -26,7 +26,9 @@ JSON row per (config, kernel) with:
   lists every loop whose bound derives from any loaded value.
 
 The branch structure is ignored (one linear pass, the main loop's body repeated): the numbers
-describe the path of a live slot. ``targets(row)`` evaluates the decode targets of issue 12.
+describe the path of a live slot. In a kernel that spills registers the state-load dataflow
+follows spill slots only approximately (ptxas reuses them), so its state-load counts may
+include other loads (seen in prefill). ``targets(row)`` evaluates the decode targets of issue 12.
 The process must not have ``TRITON_INTERPRET=1`` (interpreted kernels cannot be compiled).
 """
 
@@ -69,6 +71,22 @@ class Launch:
     signature: dict           # name -> Triton type ("constexpr" for the specialised ones)
 
 
+def _pack_args_inline(fn, backend, kwargs, bound, specialization):
+    """What ``JITFunction.run`` does between binding and compiling in Triton releases without
+    ``_pack_args`` (the GPU machine's 3.6)."""
+    from triton.runtime import jit as tj
+    options = backend.parse_options(kwargs)
+    sigkeys = [x.name for x in fn.params]
+    sigvals = [x[0] for x in specialization]
+    signature = dict(zip(sigkeys, sigvals))
+    constexprs = tj.find_paths_if(sigvals, lambda _, val: val == "constexpr")
+    constexprs = {path: tj.get_iterable_path(list(bound.values()), path) for path in constexprs}
+    attrvals = ["" if x[0] == "constexpr" else x[1] for x in specialization]
+    attrs = tj.find_paths_if(attrvals, lambda _, x: isinstance(x, str))
+    attrs = {k: backend.parse_attr(tj.get_iterable_path(attrvals, k)) for k in attrs}
+    return options, signature, constexprs, attrs
+
+
 @contextlib.contextmanager
 def capture(arch: int = 90):
     """While active, ``kernel[grid](...)`` compiles for ``sm_<arch>`` and launches nothing."""
@@ -91,8 +109,12 @@ def capture(arch: int = 90):
             binder = binders[self] = create_function_from_signature(self.signature, self.params,
                                                                     backend)
         bound, specialization, options = binder(*args, **kwargs)
-        options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound,
-                                                                specialization, options)
+        if hasattr(self, "_pack_args"):          # Triton >= 3.7
+            options, signature, constexprs, attrs = self._pack_args(backend, kwargs, bound,
+                                                                    specialization, options)
+        else:                                    # older: the same steps inline in run()
+            options, signature, constexprs, attrs = _pack_args_inline(self, backend, kwargs,
+                                                                      bound, specialization)
         kernel = triton.compile(ASTSource(self, signature, constexprs, attrs), target=target,
                                 options=options.__dict__)
         names = [p.name for p in self.params]
@@ -329,10 +351,28 @@ def state_loads(insts: list, trace: list, lo: int, hi: int) -> set:
     source is tainted or reads the parameter; a load's result is never an address of the state.
     """
     tainted: set = set()
+    # Local-memory slots holding a tainted value (register spills), with the pass that stored
+    # it: ptxas reuses slots, so a reload only inherits taint stored in the same pass.
+    spilled: dict = {}
     found = set()
-    for i, _ in trace:
+    for i, it in trace:
         x = insts[i]
         base = x.op.split(".")[0]
+        if base in ("STL", "LDL"):
+            ops = _operands(x)
+            slot = re.sub(r"\s", "", ops[0] if base == "STL" else ops[-1])
+            if base == "STL":
+                if _regs(ops[-1], True) & tainted:
+                    spilled[slot] = it
+                else:
+                    spilled.pop(slot, None)
+            else:
+                dest = _regs(ops[0], ".64" in x.op or ".128" in x.op)
+                if spilled.get(slot, object()) == it:
+                    tainted |= dest
+                else:
+                    tainted -= dest
+            continue
         if _is_global_load(x.op):
             if _regs(_address(x), False) & tainted:
                 found.add(i)

@@ -33,6 +33,7 @@ SHAPE_KEYS = ("H", "HV", "K", "V", "C", "state_dtype")
 # Launch parameters each kind accepts, with their type.
 ALLOWED = {
     "decode": {"BV": int, "num_warps": int, "num_stages": int, "splits": int},
+    "verify": {"BV": int, "num_warps": int, "num_stages": int, "splits": int},
     "block": {"BV": int, "num_warps": int},
     "flush": {"BV": int, "num_warps": int},
 }
@@ -193,15 +194,18 @@ def launch_config(cache, kind: str = "decode", batch: int | None = None) -> dict
     program at 96 registers, five programs per SM (``python -m vllm_kvbuffer.kernels.audit``
     reports these numbers for a shape); 32-row tiles need 128 registers and spill.
     At small batch the tiles are split over ``splits`` programs per head to fill the GPU.
-    block (verify, prefill) and flush: one program per (sequence, value head, V tile).
+    verify: the same tile loop with the T tokens' tile-independent terms computed once per
+    program; 2 warps (245 registers, no spills) give four programs and 96 KB in flight per SM
+    at fp32 K = V = 128, D = 4.
+    block (prefill) and flush: one program per (sequence, value head, V tile).
     """
     K, V = cache.head_k_dim, cache.head_v_dim
     BK = pow2(K)
-    if kind == "decode":
+    if kind in ("decode", "verify"):
         BV = min(pow2(V), 16)
         nv = -(-V // BV)
         programs = (batch or 1) * cache.num_v_heads
-        cfg = dict(BK=BK, BV=BV, num_warps=4, num_stages=4,
+        cfg = dict(BK=BK, BV=BV, num_warps=4 if kind == "decode" else 2, num_stages=4,
                    splits=nv if programs < DECODE_SPLIT_BELOW else 1)
     else:
         BV = min(pow2(V), 16 if BK >= 128 else 32)

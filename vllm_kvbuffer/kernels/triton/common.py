@@ -27,6 +27,9 @@ MODE_ACCEPT = tl.constexpr(2)     # LEN += accepted (flush at C), PENDING = 0
 # about that of fp32 FMA) keeps register use low; plain "ieee" FMA dots hold whole K-strips per
 # thread and spill. The interpreter computes every dot in exact fp32 regardless.
 DOT_PREC = tl.constexpr("tf32x3")
+# Small products (16 x 32 operands) in plain fp32 FMA: exact, and without the tensor-core operand
+# layouts that replicate a [16, K] block in every warp.
+DOT_FMA = tl.constexpr("ieee")
 L2_EPS = tl.constexpr(1e-6)
 
 
