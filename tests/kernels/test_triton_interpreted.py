@@ -84,6 +84,25 @@ def test_triton_rejects_non_unit_inner_stride():
                backend="triton")
 
 
+def test_triton_rejects_padding_inside_a_slot():
+    """The kernels take one slot stride per pool tensor: padding inside a slot is refused before
+    anything runs (vLLM pads pages only between slots)."""
+    c = allocate_cache(3, num_k_heads=1, num_v_heads=2, head_k_dim=4, head_v_dim=4,
+                       device=DEVICE)
+    page = torch.full((3, c.capacity, 2, 4 + 2), float("nan"), device=DEVICE)
+    c.buf_u = page[..., :4]
+    meta = c.meta.clone()
+    slots = torch.tensor([0], dtype=torch.int32, device=DEVICE)
+    reset_slots(c, slots)
+    with pytest.raises(ValueError, match=r"cache\.buf_u: expected contiguous slots \(strides "
+                                         r"\(8, 4, 1\) inside a slot"):
+        decode(c, slots, torch.randn(1, 1, 4, device=DEVICE), torch.randn(1, 1, 4, device=DEVICE),
+               torch.randn(1, 2, 4, device=DEVICE), -torch.rand(1, 2, device=DEVICE),
+               torch.rand(1, 2, device=DEVICE), backend="triton")
+    assert torch.equal(c.meta[1:], meta[1:])
+    assert torch.isnan(c.buf_u).all()
+
+
 @pytest.mark.parametrize("splits", [1, 2], ids=["all-tiles-per-program", "two-programs"])
 def test_decode_tile_loop_and_splits(splits, monkeypatch):
     """Large batches run one program per (sequence, head) looping over all V tiles; small ones
