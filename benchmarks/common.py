@@ -339,3 +339,53 @@ def try_bench(fn, *a):
         return fn(*a) + (None,)
     except Exception as e:  # noqa: BLE001
         return float("nan"), None, f"{type(e).__name__}: {e}"[:400]
+
+
+# ------------------------------------------------------------------------------------------------
+# CPU timing (bench_cpu): wall clock, the machine as the kernels see it
+# ------------------------------------------------------------------------------------------------
+def cpu_time_ms(fn, reps: int, warmup: int = 2, *, stats: dict | None = None) -> float:
+    """Median wall-clock milliseconds of ``fn()`` over ``reps`` calls after ``warmup`` calls.
+    ``stats`` (optional) receives ``min_ms`` too: on a shared machine whose other processes
+    sometimes take every core, the minimum is the better estimate of the undisturbed time."""
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t0)
+    ts.sort()
+    if stats is not None:
+        stats["min_ms"] = ts[0] * 1e3
+    return ts[len(ts) // 2] * 1e3
+
+
+def cpu_copy_bandwidth(nbytes: int, reps: int = 5) -> float:
+    """Bytes read + written per second of ``torch.Tensor.copy_`` of ``nbytes`` (median), at
+    torch's thread count. Larger than the last-level cache: memory; smaller: that cache."""
+    a = torch.rand(nbytes // 4)
+    b = torch.empty_like(a)
+    ms = cpu_time_ms(lambda: b.copy_(a), reps, warmup=1)
+    return 2 * nbytes / (ms * 1e-3)
+
+
+def cpu_machine() -> dict:
+    """CPU model, cores visible to this process, threads torch uses, last-level cache, load."""
+    model = platform.processor() or platform.machine()
+    try:
+        for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    llc = None
+    try:
+        idx = sorted(pathlib.Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"))
+        llc = (idx[-1] / "size").read_text().strip() if idx else None
+    except OSError:
+        pass
+    return {"cpu": model, "cores_visible": len(os.sched_getaffinity(0)),
+            "torch_threads": torch.get_num_threads(), "last_level_cache": llc,
+            "load_average_at_start": os.getloadavg()}

@@ -72,7 +72,7 @@ class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
     def _backend(self) -> str:
         if self._kvb.backend != "auto":
             return self._kvb.backend
-        return "triton" if self.conv1d.weight.device.type == "cuda" else "torch"
+        return "triton" if self.conv1d.weight.device.type == "cuda" else "cpu"
 
     def _conv_weight(self) -> torch.Tensor:
         # On some CPUs vLLM repacks a bf16 conv weight in place at load and keeps the plain one.
