@@ -84,3 +84,5 @@ def test_decode_streams_the_state_with_async_copies(report):
     assert r["main_loop"] is not None and r["main_loop"]["async_copies"] > 0, r["main_loop"]
     assert any(k.startswith("LDGSTS") and k.endswith(".128") for k in r["state_load_kinds"])
     assert r["state_bytes_in_flight_per_program"] >= 2 * 16 * 128 * 4, r
+    # No global load of the loop waits within the iteration that issues it.
+    assert r["main_loop"]["loads_consumed_in_issuing_iteration"] == [], r["main_loop"]
