@@ -225,7 +225,42 @@ def _fold_rows(state, base, rs, V, K, has, KH, U, G, m, row, dst, dbase, drs, dk
     w = np.empty(max(m, 1), row.dtype)
     for j in range(m):
         w[j] = np.exp(Gm - G[j])
-    for v in range(V):
+    v0 = 0
+    if dks == 1:
+        # Four rows per pass over the buffered keys: each key element loaded feeds four FMAs.
+        rows = np.empty((4, K), row.dtype)
+        r0, r1, r2, r3 = rows[0], rows[1], rows[2], rows[3]
+        while v0 + 4 <= V:
+            o = base + v0 * rs
+            if has:
+                s0 = state[o:o + K]
+                s1 = state[o + rs:o + rs + K]
+                s2 = state[o + 2 * rs:o + 2 * rs + K]
+                s3 = state[o + 3 * rs:o + 3 * rs + K]
+                for kk in range(K):
+                    r0[kk] = eGm * _ld(s0[kk])
+                    r1[kk] = eGm * _ld(s1[kk])
+                    r2[kk] = eGm * _ld(s2[kk])
+                    r3[kk] = eGm * _ld(s3[kk])
+            else:
+                rows[:] = 0.0
+            for j in range(m):
+                kj = KH[j]
+                c0 = w[j] * U[j, v0]
+                c1 = w[j] * U[j, v0 + 1]
+                c2 = w[j] * U[j, v0 + 2]
+                c3 = w[j] * U[j, v0 + 3]
+                for kk in range(K):
+                    x = kj[kk]
+                    r0[kk] += c0 * x
+                    r1[kk] += c1 * x
+                    r2[kk] += c2 * x
+                    r3[kk] += c3 * x
+            for i in range(4):
+                d = dbase + (v0 + i) * drs
+                _store_row(dst[d:d + K], rows[i])
+            v0 += 4
+    for v in range(v0, V):
         if has:
             src = state[base + v * rs:base + v * rs + K]
             for kk in range(K):
