@@ -1,8 +1,8 @@
 """Pick per-shape launch configs for the KVBuffer Triton kernels and save them per device.
 
-For each kernel kind (``decode``; ``block`` = verify/prefill; ``flush`` = accept) and each shape
-(TP 1 and TP 4 heads of Qwen3-Next, state dtype, flush interval C, batch bucket) this times every
-candidate config (CUDA graph, median; decode amortised over a whole flush cycle) with
+For each kernel kind (``decode``; ``verify``; ``flush`` = accept; ``block`` = prefill keeps its
+built-in defaults) and each shape (TP 1 and TP 4 heads of Qwen3-Next, state dtype, flush interval
+C, batch bucket) this times every candidate config (CUDA graph, median; decode amortised over a whole flush cycle) with
 ``tuning.CONFIG_OVERRIDE`` and keeps the fastest. The result goes to
 ``vllm_kvbuffer/kernels/configs/<device>.json`` (format: :mod:`vllm_kvbuffer.kernels.tuning`),
 which the kernels read at launch; shapes without an entry keep the built-in defaults.
@@ -21,6 +21,7 @@ import torch
 from benchmarks import common
 
 DECODE_SPACE = dict(BV=(16, 32), num_warps=(4, 8), num_stages=(3, 4, 5))
+VERIFY_SPACE = dict(BV=(16, 32), num_warps=(2, 4), num_stages=(3, 4))
 BLOCK_SPACE = dict(BV=(16, 32), num_warps=(2, 4, 8))
 
 
@@ -38,7 +39,7 @@ def time_config(kind, cfg, N, H, HV, K, V, C, sdt, dev, in_dt, gen):
     try:
         if kind == "decode":
             return bench_kvbuffer(N, H, HV, K, V, C, sdt, dev, in_dt, gen, False)[0]
-        # block and flush are timed together (verify + accept, 4 drafts); only `kind` varies.
+        # verify and flush are timed together (verify + accept, 4 drafts); only `kind` varies.
         return bench_kvbuffer_verify(N, 5, H, HV, K, V, sdt, dev, in_dt, gen, False)[0]
     finally:
         tuning.CONFIG_OVERRIDE.clear()
@@ -65,14 +66,14 @@ def main(argv=None):
     if args.smoke:
         batches, tps, sdts, C = [2], [1], ["fp32"], 4
         spaces = {"decode": dict(BV=(16,), num_warps=(4,), num_stages=(2, 3)),
-                  "block": dict(BV=(16,), num_warps=(4,)), "flush": dict(BV=(16,),
-                                                                         num_warps=(4,))}
+                  "verify": dict(BV=(16,), num_warps=(2,), num_stages=(2,)),
+                  "flush": dict(BV=(16,), num_warps=(4,))}
         name = "cpu smoke"
     else:
         batches, tps, sdts = common.ints(args.batch), common.ints(args.tp), \
             args.state_dtype.split(",")
         C = args.chunk
-        spaces = {"decode": DECODE_SPACE, "block": BLOCK_SPACE, "flush": BLOCK_SPACE}
+        spaces = {"decode": DECODE_SPACE, "verify": VERIFY_SPACE, "flush": BLOCK_SPACE}
         name = torch.cuda.get_device_name()
     out = common.pathlib.Path(args.out) if args.out else tuning.config_path(name)
     gen = torch.Generator(device=dev).manual_seed(0)

@@ -56,7 +56,7 @@ def test_tune_smoke_writes_a_loadable_file(tmp_path):
     out = tmp_path / "cpu.json"
     tune.main(["--smoke", "--out", str(out)])
     kinds = tuning.load(out)
-    assert set(kinds) == {"decode", "block", "flush"}
+    assert set(kinds) == {"decode", "verify", "flush"}
     cfg = tuning.select(kinds, "decode", dict(H=2, HV=4, K=16, V=16, C=4,
                                               state_dtype="float32"), 2)
     assert cfg["BV"] == 16 and cfg["num_stages"] in (2, 3)
