@@ -2,8 +2,8 @@
 
 For each kernel kind (``decode``; ``verify``; ``flush`` = accept; ``block`` = prefill keeps its
 built-in defaults) and each shape (TP 1 and TP 4 heads of Qwen3-Next, state dtype, flush interval
-C, batch bucket) this times every candidate config (CUDA graph, median; decode amortised over a whole flush cycle) with
-``tuning.CONFIG_OVERRIDE`` and keeps the fastest. The result goes to
+C, batch bucket) this times every candidate config (CUDA graph, median; decode amortised over a
+whole flush cycle) with ``tuning.CONFIG_OVERRIDE`` and keeps the fastest. The result goes to
 ``vllm_kvbuffer/kernels/configs/<device>.json`` (format: :mod:`vllm_kvbuffer.kernels.tuning`),
 which the kernels read at launch; shapes without an entry keep the built-in defaults.
 
