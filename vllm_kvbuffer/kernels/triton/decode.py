@@ -5,13 +5,15 @@ A program owns (sequence n, value head h, V-split sp) and streams its ``TILES`` 
 memory, async copies), each tile serving both ``S0^T k`` and ``S0^T q``. Everything that does not
 depend on the V tile (normalised q and k, the decay, the history weights of all buffered rows) is
 computed once per program before the loop. The loads that need no slot (q, k, g, beta, and v for
-all the program's tiles) are issued first; the buffered keys and decays of all ``B`` rows need only the slot (rows past the cursor
-are dropped with ``tl.where``, never used), so the program waits for two dependent round trips
-(slot, then cursor) before the first state tile is requested.
+all the program's tiles) are issued first; the buffered keys and decays of all ``B`` rows need
+only the slot (rows past the cursor are dropped with ``tl.where``, never used), so the program
+waits for two dependent round trips (slot, then cursor) before the first state tile is requested.
 
-On the step where the buffer reaches ``C`` the same loop writes the flushed tile: one ``tl.dot``
-over the buffered rows, with the tile still in registers. A slot that never flushed reads no
-state. Negative slot ids are padding: outputs zero, nothing read or written.
+On the step where the buffer reaches ``C`` (1 in C steps) a second pass over the program's tiles,
+just read and still in L2, writes the flushed state: one ``tl.dot`` over the buffered rows and
+the new one per tile, no loop over the rows. Keeping the flush out of the streaming loop keeps
+that loop at 96 registers (five programs per SM at fp32 K = V = 128). A slot that never flushed
+reads no state. Negative slot ids are padding: outputs zero, nothing read or written.
 """
 
 from __future__ import annotations
