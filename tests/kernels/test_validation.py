@@ -149,7 +149,8 @@ def test_scale_backend_l2norm_cache_errors():
         decode(c, sl, *tok(1), scale=-1.0)
     with pytest.raises(ValueError, match=r"scale: expected .* got nan"):
         decode(c, sl, *tok(1), scale=float("nan"))
-    with pytest.raises(ValueError, match=r"backend: expected one of \('auto', 'torch', 'triton'\)"):
+    with pytest.raises(ValueError,
+                       match=r"backend: expected one of \('auto', 'torch', 'triton', 'cpu'\)"):
         decode(c, sl, *tok(1), backend="cuda")
     with pytest.raises(ValueError, match=r"use_qk_l2norm: expected a bool, got 1"):
         decode(c, sl, *tok(1), use_qk_l2norm=1)

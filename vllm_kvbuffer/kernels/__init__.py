@@ -12,7 +12,7 @@ Public API::
     o, S = recurrent_gated_delta_rule(q, k, v, g, beta)    # token-by-token ground truth
 """
 
-from .api import BACKENDS, accept, decode, materialize_state, prefill, verify
+from .api import BACKENDS, accept, auto_backend, decode, materialize_state, prefill, verify
 from .cache import KVBufferCache, allocate_cache, reset_slots
 from .recurrent import recurrent_gated_delta_rule
 from .validation import set_value_checks, value_checks_enabled
@@ -22,6 +22,7 @@ __all__ = [
     "KVBufferCache",
     "accept",
     "allocate_cache",
+    "auto_backend",
     "decode",
     "materialize_state",
     "prefill",

@@ -21,11 +21,11 @@ import os
 
 import torch
 
+from ..envs import BACKENDS
 from . import torch_impl
 from .cache import META_LEN, META_PENDING, KVBufferCache
 from .validation import check, check_slots_tensor, check_tensor, value_checks_enabled
 
-BACKENDS = ("auto", "torch", "triton", "cpu")
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
@@ -36,12 +36,18 @@ def _triton_usable(device: torch.device) -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1" and device.type == "cpu"
 
 
+def auto_backend(device: torch.device) -> str:
+    """The backend ``"auto"`` stands for on ``device`` (the one place it is decided): Triton on
+    CUDA, the native kernels on the CPU, the exact torch backend elsewhere."""
+    if device.type == "cuda":
+        return "triton"
+    return "cpu" if device.type == "cpu" else "torch"
+
+
 def _resolve_backend(backend: str, cache: KVBufferCache) -> str:
     check(backend in BACKENDS, "backend", f"one of {BACKENDS}", repr(backend))
     if backend == "auto":
-        if cache.device.type == "cuda":
-            return "triton"
-        return "cpu" if cache.device.type == "cpu" else "torch"
+        return auto_backend(cache.device)
     if backend == "cpu":
         if cache.device.type != "cpu":
             raise NotImplementedError(f"backend='cpu' needs CPU tensors; the cache is on "

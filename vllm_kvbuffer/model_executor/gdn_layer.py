@@ -27,6 +27,7 @@ from vllm.forward_context import get_forward_context
 from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
 from vllm.model_executor.layers.mamba.mamba_utils import is_conv_state_dim_first
 
+from .. import kernels
 from ..config import KVBufferSettings
 from . import gdn_core
 from .cache_spec import cache_from_layer_states, kvbuffer_state_dtypes, kvbuffer_state_shapes
@@ -72,7 +73,7 @@ class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
     def _backend(self) -> str:
         if self._kvb.backend != "auto":
             return self._kvb.backend
-        return "triton" if self.conv1d.weight.device.type == "cuda" else "cpu"
+        return kernels.auto_backend(self.conv1d.weight.device)
 
     def _conv_weight(self) -> torch.Tensor:
         # On some CPUs vLLM repacks a bf16 conv weight in place at load and keeps the plain one.
