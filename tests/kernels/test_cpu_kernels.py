@@ -265,3 +265,43 @@ def test_auto_resolves_to_cpu_and_threads_follow_torch(monkeypatch):
         assert int(c.meta[1, META_HAS_STATE]) == 0
     finally:
         torch.set_num_threads(prev)
+
+
+_BOUND_POOL = """
+import os, threading, time
+import numba
+from vllm_kvbuffer.kernels import cpu_impl
+# vLLM's CPU worker binds each torch OpenMP thread to one core, the calling thread included.
+go = threading.Event()
+def omp_worker():
+    os.sched_setaffinity(0, {1})
+    go.wait()
+t = threading.Thread(target=omp_worker)
+t.start()
+time.sleep(0.05)
+os.sched_setaffinity(0, {0})
+before = set(os.listdir("/proc/self/task"))
+cpu_impl._set_threads(1 << 20)
+new = set(os.listdir("/proc/self/task")) - before
+print(sorted(os.sched_getaffinity(0)), [sorted(os.sched_getaffinity(int(x))) for x in new])
+go.set()
+t.join()
+"""
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "sched_setaffinity")
+                    or len(__import__("os").sched_getaffinity(0)) < 2,
+                    reason="needs Linux CPU affinity and two cores")
+def test_numba_workers_not_confined_to_the_callers_core():
+    """Under vLLM's thread binding, numba's workers may run on every core of the rank, and the
+    caller keeps its own binding."""
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, NUMBA_NUM_THREADS="2")
+    out = subprocess.run([sys.executable, "-c", _BOUND_POOL], env=env, check=True,
+                         capture_output=True, text=True).stdout.strip()
+    caller, workers = out.split(" ", 1)
+    assert caller == "[0]", out
+    workers = eval(workers)  # noqa: S307  (a list literal printed by the child above)
+    assert workers and all(w == [0, 1] for w in workers), out

@@ -557,11 +557,65 @@ def _pool(cache: KVBufferCache):
 _SERIAL_BELOW = 1 << 16
 
 
+@njit(parallel=True, cache=True)
+def _touch_pool(x):
+    for i in prange(x.shape[0]):
+        x[i] = i
+
+
+_POOL_STARTED = False
+
+
+def _start_pool() -> None:
+    """Start numba's worker threads able to run on every core this process's threads use.
+
+    vLLM's CPU worker binds each torch OpenMP thread to one core, the calling thread included;
+    threads started later inherit the caller's one-core mask, so numba's workers would all share
+    that core. The workers are started once, under the union of the masks of the process's
+    threads (the cores vLLM gave this rank), and the caller's own mask is restored.
+    """
+    global _POOL_STARTED
+    if _POOL_STARTED:
+        return
+    _POOL_STARTED = True
+    if numba.config.THREADING_LAYER == "default" and not os.environ.get("NUMBA_THREADING_LAYER"):
+        # numba's OpenMP layer is a second OpenMP runtime beside torch's: both pools spin-wait
+        # on the same cores after each parallel region and stall each other (measured here up to
+        # 10x slower calls). The workqueue layer's workers sleep between regions.
+        numba.config.THREADING_LAYER = "workqueue"
+    n = numba.config.NUMBA_NUM_THREADS
+    mine = union = None
+    try:
+        mine = os.sched_getaffinity(0)
+        union = set(mine)
+        for tid in os.listdir("/proc/self/task"):
+            try:
+                union |= os.sched_getaffinity(int(tid))
+            except OSError:           # a thread that just exited
+                pass
+        if union != mine:
+            os.sched_setaffinity(0, union)
+    except (AttributeError, OSError):  # not Linux: nothing is bound
+        mine = None
+    try:
+        numba.set_num_threads(n)
+        _touch_pool(np.zeros(4 * n))
+    finally:
+        if mine is not None and union != mine:
+            os.sched_setaffinity(0, mine)
+
+
 def _set_threads(work: int) -> None:
-    # vLLM's CPU worker sizes (and binds) torch's OpenMP pool to its cores: use as many.
-    n = max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS))
+    # vLLM's CPU worker sizes (and binds) torch's OpenMP pool to its cores: use as many, unless
+    # VLLM_KVBUFFER_CPU_THREADS says otherwise.
+    from .. import envs   # the settings table: one parser for every VLLM_KVBUFFER* variable
+
+    n = envs.get("VLLM_KVBUFFER_CPU_THREADS") or torch.get_num_threads()
+    n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     if work < _SERIAL_BELOW:
         n = 1
+    if n > 1:
+        _start_pool()
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
 
