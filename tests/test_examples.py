@@ -1,26 +1,22 @@
 """The examples, run for real as subprocesses against tiny float32 checkpoints on the CPU.
 
-The engine tests start one or two vLLM engines (or a ``vllm serve``) each and are marked slow:
-together about 2 minutes on 2 cores. The header/README checks take a second.
+The engine tests start one or two vLLM engines each (the OpenAI client talks to the session's
+shared ``vllm serve``, fixture ``kvbuffer_server``) and are marked slow. The header/README checks
+take a second.
 """
 
 from __future__ import annotations
 
 import ast
-import contextlib
-import xml.dom.minidom
-import pathlib
+import json
 import re
 import subprocess
 import sys
+import xml.dom.minidom
 
 import pytest
 
-from .servers import vllm_server
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-EXAMPLES = ROOT / "examples"
-MODELS = ROOT / ".cache" / "models"
+from tests.utils import EXAMPLES, ROOT, assert_same_greedy, cluster_pids, run_example
 
 EXAMPLE_FILES = ["offline_generate.py", "openai_client.py", "spec_decode.py"]
 
@@ -46,56 +42,37 @@ def test_readme_lists_the_examples_and_the_picture():
     assert svg.tagName == "svg" and svg.getAttribute("viewBox")
 
 
-def _run_example(name: str, *argv: str, timeout: int = 300) -> tuple[str, str, str]:
-    """Run ``examples/<name>``; return its stdout, stdout + stderr, and a tail for messages."""
-    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *argv], cwd=ROOT,
-                          capture_output=True, text=True, timeout=timeout)
-    log = f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
-    assert proc.returncode == 0, log
-    return proc.stdout, proc.stdout + proc.stderr, log
-
-
-def _tiny_fp32(mtp: bool = False) -> str:
-    """The tiny checkpoints the examples build by default (and tests/plugin uses)."""
-    from vllm_kvbuffer.tools.tiny_checkpoint import build_tiny_qwen3_next
-
-    name = "tiny-qwen3-next-mtp-fp32" if mtp else "tiny-qwen3-next-fp32"
-    return str(build_tiny_qwen3_next(MODELS / name, dtype="float32", mtp=mtp))
-
-
 @pytest.mark.slow
-def test_offline_generate():
-    out, full, log = _run_example("offline_generate.py", "--max-tokens", "8", "--ignore-eos",
-                                  "--kvbuffer-chunk-size", "4")
-    assert "KVBuffer active: chunk_size=4" in full, log
+def test_demo_runs_offline_generate(tiny_fp32):
+    """``make demo`` (examples/generate_tiny.py) is examples/offline_generate.py with the demo's
+    settings, so one run checks both: the demo's options reach the offline example's parser and
+    the engine (chunk size 8 is neither script's default), three prompts, fixed-length greedy
+    completions, the demo's verdict."""
+    out, full, log = run_example("generate_tiny.py", "--max-tokens", "8",
+                                 "--kvbuffer-chunk-size", "8")
+    assert "KVBuffer active: chunk_size=8" in full, log
+    assert "(KVBuffer, chunk_size=8)" in out, log
     prompts = re.findall(r"^prompt: +(.*)$", out, re.M)
     completions = re.findall(r"^completion: (.*) \((\d+) tokens, finish_reason=length\)$", out,
                              re.M)
     assert len(prompts) == len(completions) == 3, log
     assert ast.literal_eval(prompts[0]) == "Hello world, the quick brown fox"
     for text, n_tokens in completions:
-        assert int(n_tokens) == 8 and ast.literal_eval(text), log
+        assert int(n_tokens) == 8 and ast.literal_eval(text), log   # full length, non-empty
     assert "generated 24 tokens for 3 prompts" in out, log
-
-
-@pytest.fixture(scope="module")
-def cyclic_mtp_checkpoint():
-    """A tiny checkpoint on which n-gram and MTP drafts are partly accepted, partly rejected
-    (random weights alone give almost no accepted drafts)."""
-    from tests.plugin.conftest import make_cyclic_checkpoint
-
-    return make_cyclic_checkpoint(_tiny_fp32(mtp=True),
-                                  MODELS / "tiny-qwen3-next-mtp-fp32-cyclic-4", layer_scale=4.0)
+    assert re.search(r"^demo ok: 3 prompts$", out, re.M), log
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("method", ["ngram", "mtp"])
-def test_spec_decode_check_equals_greedy(cyclic_mtp_checkpoint, method):
-    out, full, log = _run_example("spec_decode.py", "--method", method, "--model",
-                                  cyclic_mtp_checkpoint, "--max-tokens", "32", "--ignore-eos",
-                                  "--kvbuffer-chunk-size", "4", "--check")
+def test_spec_decode_check_equals_greedy(tiny_cyclic_mtp_fp32):
+    """``--check`` (a no-draft reference run, then the speculative run, token for token) on the
+    cyclic checkpoint, where drafts are both accepted and rejected. MTP here; that n-gram drafts
+    give greedy tokens too is tests/plugin/test_engine.py's (320 tokens, both methods)."""
+    out, full, log = run_example("spec_decode.py", "--method", "mtp", "--model",
+                                 tiny_cyclic_mtp_fp32, "--max-tokens", "32", "--ignore-eos",
+                                 "--kvbuffer-chunk-size", "4", "--check")
     assert "KVBuffer active: chunk_size=4" in full, log
-    assert f"({method}, 3 drafts, KVBuffer chunk_size=4)" in out, log
+    assert "(mtp, 3 drafts, KVBuffer chunk_size=4)" in out, log
     assert re.search(r"^check ok: speculative output equals greedy \(2 prompts, 64 tokens\)$",
                      out, re.M), log
     m = re.search(r"^drafts: (\d+)  draft tokens: (\d+)  accepted tokens: (\d+)$", out, re.M)
@@ -106,31 +83,24 @@ def test_spec_decode_check_equals_greedy(cyclic_mtp_checkpoint, method):
 
 
 @pytest.mark.slow
-def test_spec_decode_default_checkpoint():
-    """As written in its docstring: the default (tiny, random, with an MTP layer) checkpoint."""
-    _tiny_fp32(mtp=True)
-    out, _, log = _run_example("spec_decode.py", "--method", "mtp", "--max-tokens", "8")
+def test_spec_decode_default_checkpoint(tiny_mtp_fp32):
+    """As written in its docstring: the default checkpoint (tiny, random, with an MTP layer),
+    here with n-gram drafts."""
+    out, full, log = run_example("spec_decode.py", "--method", "ngram", "--max-tokens", "8",
+                                 "--ignore-eos", "--kvbuffer-chunk-size", "4")
+    assert "KVBuffer active: chunk_size=4" in full, log
+    assert "(ngram, 3 drafts, KVBuffer chunk_size=4)" in out, log
     completions = re.findall(r"^completion: (.*) \((\d+) tokens\)$", out, re.M)
-    assert len(completions) == 2, log
+    assert len(completions) == 2 and {n for _, n in completions} == {"8"}, log
     assert re.search(r"^drafts: \d+  draft tokens: \d+  accepted tokens: \d+$", out, re.M), log
-
-
-@contextlib.contextmanager
-def _vllm_serve(model: str, *argv: str, log_path: pathlib.Path, timeout: float = 240):
-    """A real ``vllm serve`` on 127.0.0.1 (free port); yields the OpenAI API root URL."""
-    with vllm_server([model, *argv], log_path=log_path, timeout=timeout) as base:
-        yield base + "/v1"
+    assert re.search(r"^acceptance rate: \d\.\d+  mean acceptance length: \d\.\d\d$", out, re.M)
 
 
 @pytest.mark.slow
-def test_openai_client_against_vllm_serve(tmp_path):
-    log_path = tmp_path / "server.log"
-    with _vllm_serve(_tiny_fp32(), "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "8",
-                     "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-                     "--served-model-name", "tiny", log_path=log_path) as base_url:
-        out, _, log = _run_example("openai_client.py", "--base-url", base_url,
-                                   "--max-tokens", "12", "--ignore-eos", timeout=180)
-    assert "KVBuffer active: chunk_size=8" in log_path.read_text()
+def test_openai_client_against_vllm_serve(kvbuffer_server):
+    out, _, log = run_example("openai_client.py", "--base-url", kvbuffer_server.base + "/v1",
+                              "--max-tokens", "12", "--ignore-eos", timeout=180)
+    assert "KVBuffer active: chunk_size=8" in kvbuffer_server.log_path.read_text()
     assert re.search(r"^model: tiny$", out, re.M), log
     text = re.search(r"^\[completion\] text: (.*) \(12 tokens, finish_reason=length\)$", out, re.M)
     assert text and ast.literal_eval(text.group(1)), log
@@ -143,16 +113,34 @@ def test_openai_client_against_vllm_serve(tmp_path):
 
 
 @pytest.mark.slow
-def test_ray_tp_serve():
-    """Tensor parallel 2 through vLLM's Ray executor on a local Ray head the example starts and
-    stops itself; the plugin is active on both ranks (Ray forwards the workers' logs)."""
-    out, full, log = _run_example("ray_tp_serve.py", "--max-tokens", "8", timeout=400)
+def test_ray_tp_serve_matches_tp1(greedy_fp32_c4, tmp_path):
+    """examples/ray_tp_serve.py: tensor parallel 2 through vLLM's Ray executor on a local Ray
+    head the example starts (without the KVBuffer variables) and stops itself. Every rank is a
+    distinct Ray actor process, not the driver, that loads the plugin and runs KVBuffer with the
+    engine's settings (chunk_size from additional_config; backend from VLLM_KVBUFFER_BACKEND,
+    which only vLLM's copy of the driver's VLLM_* variables brings to the workers); the greedy
+    tokens and logprobs equal TP 1's (the shared reference engine); no Ray process is left."""
+    ref, _ = greedy_fp32_c4
+    ref = [ref[0], ref[2]]                    # one prompt on the short-context path ("a b")
+    result = tmp_path / "tp2.json"
+    out, full, log = run_example(
+        "ray_tp_serve.py", "--max-tokens", "40", "--prompt", "Hello world, the quick brown fox",
+        "--prompt", "a b", "--json", str(result), timeout=400,
+        env={"RAY_DEDUP_LOGS": "0", "VLLM_KVBUFFER": "1", "VLLM_KVBUFFER_BACKEND": "torch"})
     assert len(re.findall(r"^\[TP2/ray\] '.*' -> '.+'$", out, re.M)) == 2, log
-    assert out.rstrip().endswith("ray_tp_serve: ok, 2 prompts, 8 tokens each, "
+    assert out.rstrip().endswith("ray_tp_serve: ok, 2 prompts, 40 tokens each, "
                                  "tensor_parallel_size=2 over Ray"), log
-    ranks = set(re.findall(r"\((Worker_TP\d) pid=\d+\).*KVBuffer active: chunk_size=4, "
-                           r"backend=\w+, \d+ GDN layers on this rank", full))
-    assert ranks == {"Worker_TP0", "Worker_TP1"}, log
-    left = subprocess.run(["pgrep", "-f", str(ROOT / ".cache" / "ray-")], capture_output=True,
-                          text=True)
-    assert left.stdout.strip() == "", f"Ray processes left running: {left.stdout}"
+    assert "Ray is already initialized" in full and "RayWorkerProc" in full, log
+    tp2 = json.loads(result.read_text())
+    loaded = set(re.findall(r"\(RayWorkerProc pid=(\d+)\).*vllm-kvbuffer \S+ loaded", full))
+    assert len(loaded) == 2 and str(tp2["pid"]) not in loaded, (loaded, log)
+    for rank in (0, 1):
+        lines = re.findall(rf"\(RayWorkerProc pid=(\d+)\).*Worker_TP{rank} .*KVBuffer active: "
+                           r"chunk_size=4, backend=torch, (\d+) GDN layers on this rank", full)
+        assert len(lines) == 1 and lines[0][0] in loaded, (rank, lines, log)
+        assert int(lines[0][1]) == 3
+    assert all(len(o["token_ids"]) == 40 for o in tp2["outputs"])
+    assert_same_greedy(tp2["outputs"], ref, prefix=True)
+    temp = re.search(r"^\[ray head\] temp dir (\S+)$", out, re.M)
+    assert temp, log
+    assert not cluster_pids([temp.group(1)]), "Ray processes of the example left running"

@@ -25,8 +25,7 @@ from vllm_kvbuffer.kernels import (
 
 from .scenario import Dims, Scenario, rel_err
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA device; CPU CI runs the interpreted tests")
+pytestmark = pytest.mark.gpu(reason="needs a CUDA device; CPU CI runs the interpreted tests")
 
 BOUNDS = {torch.float32: (1e-2, 1e-4), torch.bfloat16: (3e-2, 3e-2)}
 

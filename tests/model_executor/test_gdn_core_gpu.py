@@ -14,9 +14,8 @@ import torch
 from vllm_kvbuffer.kernels import allocate_cache
 from vllm_kvbuffer.model_executor import gdn_core
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
-                                reason="needs a CUDA device; CPU CI checks the same paths for "
-                                       "host syncs in test_gdn_core.py")
+pytestmark = pytest.mark.gpu(reason="needs a CUDA device; CPU CI checks the same paths for "
+                                    "host syncs in test_gdn_core.py")
 
 # Qwen3-Next at TP 4 (per rank): H=4, HV=8, K=V=128, conv width 4.
 H, HV, K, V, W, C, D = 4, 8, 128, 128, 4, 16, 3

