@@ -197,8 +197,8 @@ def bench_verify(N, H, HV, K, V, gen, reps, smoke):
     def step(i):
         q, k, v, a, b = steps[i]
         g, beta = _gates(A_log, dt_bias, a, b)
-        shp = lambda x: x.view(N, T, *x.shape[1:])  # noqa: E731
-        o = verify(cache, slots, shp(q), shp(k), shp(v), shp(g), shp(beta), backend="cpu")
+        o = verify(cache, slots, *(x.view(N, T, *x.shape[1:]) for x in (q, k, v, g, beta)),
+                   backend="cpu")
         accept(cache, slots, accepted[i], backend="cpu")
         return o, g, beta
 
@@ -353,6 +353,8 @@ def main(argv=None) -> dict:
                 r[f"{side}_Bps_min_time"] = nb / (r[f"{side}_min_ms"] * 1e-3)
                 r[f"{side}_bw_frac"] = r[f"{side}_Bps"] / result["copy_bandwidth_Bps"]
     result["load_average_at_end"] = list(__import__("os").getloadavg())
+    result["numba_threads"] = numba.get_num_threads()
+    result["numba_threading_layer"] = _threading_layer()
     out = pathlib.Path(args.out) if args.out else (
         common.default_out("cpu", "cpu") if args.smoke else RESULTS / "cpu.json")
     if args.smoke:
@@ -367,7 +369,7 @@ def _vllm_version() -> str:
     try:
         import importlib.metadata as md
         return md.version("vllm")
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001  (no vLLM, or odd metadata: report it, benchmark on)
         return f"unavailable: {type(e).__name__}"
 
 

@@ -614,8 +614,8 @@ def _set_threads(work: int) -> None:
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     if work < _SERIAL_BELOW:
         n = 1
-    if n > 1:
-        _start_pool()
+    # Even a one-thread call of a parallel kernel starts numba's threading layer: start it here.
+    _start_pool()
     if numba.get_num_threads() != n:
         numba.set_num_threads(n)
 
