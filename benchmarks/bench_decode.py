@@ -1,4 +1,4 @@
-"""Decode: KVBuffer vs fla's fused recurrent kernel vs SGLang's ReplaySSM kernel, same card, same run.
+"""Decode: KVBuffer vs fla's fused recurrent kernel vs SGLang's ReplaySSM kernel, same card and run.
 
 For each TP head split, state dtype, batch size and chunk size (flush interval C) this times
 - ``fla``: ``fla.ops.gated_delta_rule.fused_recurrent_gated_delta_rule`` (what vLLM's GDN decode
@@ -139,9 +139,9 @@ def main(argv=None):
                 else:
                     t_fla, fla_err = float("nan"), "skipped in --smoke (fla runs on CUDA only)"
                 t_st, e_st, st_err = try_bench(bench_stock, N, H, HV, K, V, sdt, dev, in_dt, gen,
-                                          check)
-                t_rp, e_rp, rp_err = try_bench(bench_replayssm, N, H, HV, K, V, sdt, dev, in_dt, gen,
-                                          check or N == batches[0])
+                                               check)
+                t_rp, e_rp, rp_err = try_bench(bench_replayssm, N, H, HV, K, V, sdt, dev, in_dt,
+                                               gen, check or N == batches[0])
                 b_rec = common.bytes_recurrent(N, H, HV, K, V, torch.float32)
                 b_st = common.bytes_recurrent(N, H, HV, K, V, sdt)
                 b_rp = common.bytes_replayssm(N, H, HV, K, V, 16, sdt)

@@ -86,9 +86,10 @@ def served(model: str, extra: list[str], env: dict, log: pathlib.Path, timeout: 
                 try:
                     with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2):
                         break
-                except OSError:
+                except OSError as e:
                     if time.monotonic() > deadline:
-                        raise TimeoutError(f"vllm serve not healthy after {timeout} s ({log})")
+                        raise TimeoutError(f"vllm serve not healthy after {timeout} s ({log})") \
+                            from e
                     time.sleep(1)
             yield port, proc
         finally:
@@ -224,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     model = build_model(args.smoke)
     date = datetime.date.today().isoformat()
     out_dir = args.out or (ROOT / "benchmarks" / "results" /
-                           (f"cpu-serve-smoke" if args.smoke else f"cpu-serve-{date}"))
+                           ("cpu-serve-smoke" if args.smoke else f"cpu-serve-{date}"))
     out_dir.mkdir(parents=True, exist_ok=True)
     kvb = ["--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", str(args.chunk_size),
            "--kvbuffer-backend", args.kvbuffer_backend]

@@ -189,12 +189,12 @@ def versions() -> dict:
     for mod in ("triton", "fla"):
         try:
             out[mod] = __import__(mod).__version__
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001  (any import failure: report it, benchmark on)
             out[mod] = f"unavailable: {type(e).__name__}"
     try:
         from benchmarks.replayssm import sglang_version
         out["sglang (ReplaySSM kernel)"] = sglang_version()
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001  (a missing or odd wheel: report it, benchmark on)
         out["sglang (ReplaySSM kernel)"] = f"unavailable: {type(e).__name__}"
     return out
 
@@ -337,7 +337,7 @@ def try_bench(fn, *a):
     (a missing wheel, a kernel the interpreter cannot run) leaves the rest of a sweep running."""
     try:
         return fn(*a) + (None,)
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:  # noqa: BLE001  (recorded in the row; the sweep goes on)
         return float("nan"), None, f"{type(e).__name__}: {e}"[:400]
 
 

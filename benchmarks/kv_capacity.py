@@ -121,8 +121,8 @@ def main() -> None:
                                  / kvb["linear_bytes_per_request"],
                                  "concurrency_ratio": kvb["max_concurrency"]
                                  / stock["max_concurrency"]})
-    print("| TP | drafts | state | stock MiB/request | KVBuffer MiB/request (C=16) | stock / KVBuffer "
-          "| stock max concurrency | KVBuffer max concurrency |")
+    print("| TP | drafts | state | stock MiB/request | KVBuffer MiB/request (C=16) "
+          "| stock / KVBuffer | stock max concurrency | KVBuffer max concurrency |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         s, k = r["stock"], r["kvbuffer"]

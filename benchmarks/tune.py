@@ -88,7 +88,7 @@ def main(argv=None):
             for cfg in candidates(space):
                 try:
                     ms = time_config(kind, cfg, N, H, HV, K, V, C, sdt, dev, in_dt, gen)
-                except Exception as e:  # noqa: BLE001
+                except Exception as e:  # noqa: BLE001  (recorded in the row; the sweep goes on)
                     ms, err = float("nan"), repr(e)[:200]
                 else:
                     err = None

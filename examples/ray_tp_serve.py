@@ -3,12 +3,12 @@
 
 Starts its own throw-away local Ray head (127.0.0.1, free ports, temp folder under
 ``<repo>/.cache``, no dashboard), builds/reuses the tiny float32 Qwen3-Next checkpoint, serves it
-with vLLM's offline ``LLM`` API at ``tensor_parallel_size=2``, ``distributed_executor_backend="ray"``
-(each rank a Ray actor that loads the plugin) with KVBuffer on, prints the greedy completions,
-and stops the Ray head (also on errors or Ctrl-C). About 1-2 minutes on 2 cores.
+with vLLM's offline ``LLM`` API at ``tensor_parallel_size=2``,
+``distributed_executor_backend="ray"`` (each rank a Ray actor that loads the plugin) with KVBuffer
+on, prints the greedy completions, and stops the Ray head (also on errors or Ctrl-C).
 
-    make setup && .venv/bin/python examples/ray_tp_serve.py [--max-tokens N] [--kvbuffer-chunk-size C]
-        [--prompt TEXT ...] [--json PATH]
+    make setup && .venv/bin/python examples/ray_tp_serve.py [--max-tokens N]
+        [--kvbuffer-chunk-size C] [--prompt TEXT ...] [--json PATH]
 
 Output: one line per prompt, ``[TP2/ray] <prompt> -> <completion>`` (gibberish: random weights),
 then ``ray_tp_serve: ok, 2 prompts, N tokens each, tensor_parallel_size=2 over Ray``. ``--json``

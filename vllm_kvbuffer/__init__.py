@@ -55,7 +55,7 @@ def register() -> None:
     _registered = True
     # vLLM configures its "vllm" logger (which ours is a child of) when vllm.logger is imported;
     # plugins can be loaded before that, and an INFO record emitted then would be dropped.
-    import vllm.logger  # noqa: F401
+    import vllm.logger  # noqa: F401  (imported for its side effect, see above)
 
     found = _vllm_version()
     if not vllm_compatible():

@@ -84,8 +84,10 @@ def test_cpu_device_never_warns():
 
 
 @pytest.mark.parametrize("kinds,key", [
-    ({"decode": [{"shape": SHAPE, "config": {"num_warps": "4"}}]}, "kinds.decode[0].config.num_warps"),
-    ({"decode": [{"shape": SHAPE, "config": {"BV": 16, "bogus": 1}}]}, "kinds.decode[0].config.bogus"),
+    ({"decode": [{"shape": SHAPE, "config": {"num_warps": "4"}}]},
+     "kinds.decode[0].config.num_warps"),
+    ({"decode": [{"shape": SHAPE, "config": {"BV": 16, "bogus": 1}}]},
+     "kinds.decode[0].config.bogus"),
     ({"decode": [{"shape": {"Q": 1}, "config": {}}]}, "kinds.decode[0].shape"),
     ({"decode": [{"shape": SHAPE, "batch_le": 0, "config": {}}]}, "kinds.decode[0].batch_le"),
     ({"prefill": []}, "kinds.prefill"),

@@ -153,10 +153,9 @@ class Scenario:
         g = torch.where(strong, g * 12.0, g)
         g = torch.where(torch.rand(*lead, d.HV, generator=gen) < 0.05, torch.zeros_like(g), g)
         beta = torch.rand(*lead, d.HV, generator=gen, dtype=torch.float64) * 0.95 + 0.025
-        cast = lambda x: x.to(self.dtype).to(self.device)  # noqa: E731
-        gcast = lambda x: x.to(torch.float32 if self.dtype != torch.float64  # noqa: E731
-                               else torch.float64).to(self.device)
-        return cast(q), cast(k), cast(v), gcast(g), gcast(beta)
+        gdt = torch.float32 if self.dtype != torch.float64 else torch.float64
+        return (*(x.to(self.dtype).to(self.device) for x in (q, k, v)),
+                *(x.to(gdt).to(self.device) for x in (g, beta)))
 
     def _check(self, o, ref, tol):
         err = rel_err(o, ref)

@@ -295,6 +295,7 @@ t.join()
 def test_numba_workers_not_confined_to_the_callers_core():
     """Under vLLM's thread binding, numba's workers may run on every core of the rank, and the
     caller keeps its own binding."""
+    import json
     import os
     import subprocess
     import sys
@@ -303,5 +304,5 @@ def test_numba_workers_not_confined_to_the_callers_core():
                          capture_output=True, text=True).stdout.strip()
     caller, workers = out.split(" ", 1)
     assert caller == "[0]", out
-    workers = eval(workers)  # noqa: S307  (a list literal printed by the child above)
+    workers = json.loads(workers)  # a list literal printed by the child above
     assert workers and all(w == [0, 1] for w in workers), out

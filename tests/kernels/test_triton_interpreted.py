@@ -59,7 +59,7 @@ def test_triton_matches_torch_backend_bitwise_cursor():
     cu = torch.tensor([0, 6, 6, 10], dtype=torch.int32, device=DEVICE)
     outs = {b: prefill(c, slots, *ins, cu, backend=b) for b, c in caches.items()}
     assert rel_err(outs["triton"], outs["torch"]) < 2e-5
-    for step in range(9):
+    for _ in range(9):
         ins = (rnd(3, 2, 8), rnd(3, 2, 8), rnd(3, 4, 8), -rnd(3, 4).abs() * 0.3,
                torch.rand(3, 4, generator=gen).to(DEVICE))
         outs = {b: decode(c, slots, *ins, backend=b) for b, c in caches.items()}

@@ -1,7 +1,5 @@
 """Every ValueError branch of the public KVBuffer API, and that a rejected call changes nothing."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -89,8 +87,10 @@ B = C + D
           ), r"num_v_heads: expected a multiple of num_k_heads=3"),
     (dict(state=torch.zeros(S, HV, V, K, dtype=torch.int32)), r"state.dtype: expected one of"),
     (dict(buf_k=torch.zeros(S, B, H, K, dtype=torch.int8)), r"buf_k.dtype: expected one of"),
-    (dict(buf_u=torch.zeros(S, B, HV, V, dtype=torch.float64)), r"buf_u.dtype: expected torch.float32"),
-    (dict(buf_g=torch.zeros(S, B, HV, dtype=torch.float16)), r"buf_g.dtype: expected torch.float32"),
+    (dict(buf_u=torch.zeros(S, B, HV, V, dtype=torch.float64)),
+     r"buf_u.dtype: expected torch.float32"),
+    (dict(buf_g=torch.zeros(S, B, HV, dtype=torch.float16)),
+     r"buf_g.dtype: expected torch.float32"),
     (dict(meta=torch.zeros(S, 4, dtype=torch.int64)), r"meta.dtype: expected torch.int32"),
     (dict(buf_u=torch.zeros(S, B, HV, V, device="meta")), r"buf_u.device: expected cpu, got meta"),
 ])
@@ -145,7 +145,8 @@ def test_decode_input_errors():
 def test_scale_backend_l2norm_cache_errors():
     c = mk()
     sl = i32(0)
-    with pytest.raises(ValueError, match=r"scale: expected a positive finite float or None, got -1"):
+    with pytest.raises(ValueError,
+                       match=r"scale: expected a positive finite float or None, got -1"):
         decode(c, sl, *tok(1), scale=-1.0)
     with pytest.raises(ValueError, match=r"scale: expected .* got nan"):
         decode(c, sl, *tok(1), scale=float("nan"))
@@ -187,14 +188,16 @@ def test_prefill_errors():
 def test_verify_accept_errors():
     c = mk()
     sl = i32(2, 4)
-    with pytest.raises(ValueError, match=r"q.shape\[1\] \(T\): expected 1 <= T <= max_draft_tokens \+ 1 = 3, got 4"):
+    with pytest.raises(ValueError, match=r"q.shape\[1\] \(T\): expected 1 <= T <= "
+                                         r"max_draft_tokens \+ 1 = 3, got 4"):
         verify(c, sl, *tok(2, D + 2))
     with pytest.raises(ValueError, match=r"q.shape: expected \(2, '\*', 1, 4\)"):
         verify(c, sl, *tok(3, 2))
     with pytest.raises(ValueError, match=r"slots: expected slots with tentative tokens"):
         accept(c, sl, i32(1, 1))
     verify(c, sl, *tok(2, 3))
-    with pytest.raises(ValueError, match=r"num_accepted: expected values in 1..T .*slot 4: 4 \(T=3\)"):
+    with pytest.raises(ValueError,
+                       match=r"num_accepted: expected values in 1..T .*slot 4: 4 \(T=3\)"):
         accept(c, sl, i32(1, 4))
     with pytest.raises(ValueError, match=r"num_accepted: expected values in 1..T .*slot 2: 0"):
         accept(c, sl, i32(0, 1))
@@ -203,7 +206,8 @@ def test_verify_accept_errors():
     with pytest.raises(ValueError, match=r"num_accepted.dtype: expected one of"):
         accept(c, sl, torch.tensor([1.0, 1.0]))
     # Uncommitted verify tokens: decode / prefill / verify on those slots are errors.
-    with pytest.raises(ValueError, match=r"slots: expected slots without uncommitted verify tokens \(decode"):
+    with pytest.raises(ValueError,
+                       match=r"slots: expected slots without uncommitted verify tokens \(decode"):
         decode(c, i32(4), *tok(1))
     with pytest.raises(ValueError, match=r"without uncommitted verify tokens \(prefill"):
         prefill(c, i32(2), *tok(3), i32(0, 3))
@@ -217,7 +221,8 @@ def test_capacity_error():
     c = mk()
     reset_slots(c, i32(0))
     c.meta[0, META_LEN] = C + D                        # a corrupted / foreign cursor
-    with pytest.raises(ValueError, match=r"slots: expected room for 1 more buffered tokens \(capacity 6\), got full slots \[0\]"):
+    with pytest.raises(ValueError, match=r"slots: expected room for 1 more buffered tokens "
+                                         r"\(capacity 6\), got full slots \[0\]"):
         decode(c, i32(0), *tok(1))
 
 

@@ -254,8 +254,9 @@ def test_full_cudagraph_replay_equals_eager_v1_padding(configs, kind):
         assert torch.equal(graph.raw[0], null_before), f"step {step}: null block changed"
         for name, t_graph, t_eager in zip(("conv", "state", "buf_u", "buf_g", "meta", "buf_k"),
                                           graph.kv_cache, eager.kv_cache):
-            torch.testing.assert_close(t_graph, t_eager, rtol=1e-5, atol=1e-6,
-                                       msg=lambda s, name=name: f"step {step}, {name}: {s}")
+            torch.testing.assert_close(
+                t_graph, t_eager, rtol=1e-5, atol=1e-6,
+                msg=lambda s, name=name, step=step: f"step {step}, {name}: {s}")
         for r in rows:
             committed[r] += accepted[r] if spec else 1
             seq[r] += T

@@ -131,7 +131,7 @@ class Harness:
         out = gdn_core.varlen_rows(self.cache, self.conv, self.p, blocks, cu, n_dec, has_init,
                                    x, b, a)
         self.check_untouched(before, blocks)
-        for i, (blk, n, _) in enumerate(rows):
+        for i, (blk, _n, _) in enumerate(rows):
             s, e = int(cu[i]), int(cu[i + 1])
             self.compare(out[s:e], self.expect(blk, *toks[i]))
             self.commit(blk, *toks[i])

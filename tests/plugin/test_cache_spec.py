@@ -95,8 +95,7 @@ def test_kernels_on_vllm_bound_page_views(backend):
     reset_slots(cache, slots)
     gen = torch.Generator().manual_seed(1)
     Hr, HVr = H // tp, HV // tp
-    T = [6, 3]
-    cu = torch.tensor([0, 6, 9], dtype=torch.int32)
+    cu = torch.tensor([0, 6, 9], dtype=torch.int32)                 # sequences of 6 and 3 tokens
     q = torch.randn(9, Hr, K, generator=gen)
     k = torch.randn(9, Hr, K, generator=gen)
     v = torch.randn(9, HVr, V, generator=gen)
