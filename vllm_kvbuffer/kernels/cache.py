@@ -21,8 +21,8 @@ A slot holds
   :func:`reset_slots` zeroes all four.
 
 ``B = chunk_size + max_draft_tokens``: a slot flushes as soon as its committed length reaches
-``chunk_size``, so at most ``chunk_size - 1`` committed tokens wait when ``D + 1`` tentative ones are
-appended.
+``chunk_size``, so at most ``chunk_size - 1`` committed tokens wait when ``D + 1`` tentative ones
+are appended.
 """
 
 from __future__ import annotations

@@ -3,14 +3,14 @@
 Same semantics and in-place pool updates as :mod:`.torch_impl` (the exact reference); inputs were
 validated by :mod:`vllm_kvbuffer.kernels.api`. Formulas: ``shared/design/kvbuffer-math.md``.
 
-Layout of the work: one parallel loop over (sequence, value head) pairs. A pair owns the state
-block ``state[slot, h]`` (``[V, K]``, key-minor rows) and the ``u``/``G`` buffer rows of its head,
-so pairs never write the same memory; raw keys (shared by the value heads of a key head) and meta
-rows are stored after the parallel loop. Everything in the buffered form is separable over value rows ``v``: one pass over the
-state block computes ``S0^T k_hat`` and ``S0^T q_hat`` for every new token (four rows per
-iteration, so each key vector load feeds several rows), the corrected values and outputs follow
-from small per-pair coefficient tables, and a flush re-reads the block (still in the core's L2)
-to write ``exp(G_m) S0 + sum_j exp(G_m - G_j) k_hat_j u_j^T`` in the state's dtype.
+Layout of the work: one parallel loop over (sequence, value head) pairs. A pair owns the state block
+``state[slot, h]`` (``[V, K]``, key-minor rows) and the ``u``/``G`` buffer rows of its head, so
+pairs never write the same memory; raw keys (shared by the value heads of a key head) and meta rows
+are stored after the parallel loop. Everything in the buffered form is separable over value rows
+``v``: one pass over the state block computes ``S0^T k_hat`` and ``S0^T q_hat`` for every new token
+(four rows per iteration, so each key vector load feeds several rows), the corrected values and
+outputs follow from small per-pair coefficient tables, and a flush re-reads the block (still in the
+core's L2) to write ``exp(G_m) S0 + sum_j exp(G_m - G_j) k_hat_j u_j^T`` in the state's dtype.
 
 Pools are passed as flat views of their memory plus element strides (the tensors may be strided
 views into padded vLLM pages; nothing is copied or reshaped); bf16 and fp16 tensors are viewed as

@@ -91,8 +91,9 @@ def block_slots(blocks: torch.Tensor) -> torch.Tensor:
 
 # -- graph-safe paths --------------------------------------------------------------------------
 def _gather_windows(conv_state, meta, slots_c, valid, W: int) -> torch.Tensor:
-    """``[N, W-1, D]`` (fp32 or float64): each slot's committed conv window, at its ``META_CONV`` offset
-    (padding rows read the null block at offset 0: never out of range, whatever it holds)."""
+    """``[N, W-1, D]`` (fp32 or float64): each slot's committed conv window, at its ``META_CONV``
+    offset (padding rows read the null block at offset 0: never out of range, whatever it
+    holds)."""
     off = meta[slots_c, META_CONV].clamp(min=0, max=conv_state.shape[1] - (W - 1))
     off = torch.where(valid, off, 0).long()
     cols = off[:, None] + torch.arange(W - 1, device=off.device)
