@@ -227,8 +227,13 @@ def bench_verify(N, H, HV, K, V, gen, reps, smoke):
 def bench_prefill(N, L, H, HV, K, V, gen, reps, smoke):
     import vllm._custom_ops as ops
 
-    from vllm_kvbuffer.kernels import (allocate_cache, materialize_state, prefill,
-                                       recurrent_gated_delta_rule, reset_slots)
+    from vllm_kvbuffer.kernels import (
+        allocate_cache,
+        materialize_state,
+        prefill,
+        recurrent_gated_delta_rule,
+        reset_slots,
+    )
     row = {"op": "prefill", "batch": N, "prompt_len": L, "chunk_size": C}
     A_log, dt_bias = _weights(HV, gen)
     q, k, v, a, b = _inputs(N * L, H, HV, K, V, gen)
@@ -312,7 +317,7 @@ def main(argv=None) -> dict:
         # stalls parallel regions), and the CPU kernels follow torch's thread count.
         torch.set_num_threads(1)
 
-    preset = dict(H=2, HV=4, K=128, V=128) if args.smoke else QWEN3_NEXT
+    preset = {"H": 2, "HV": 4, "K": 128, "V": 128} if args.smoke else QWEN3_NEXT
     batches = [1, 3] if args.smoke else args.batches
     vb = 3 if args.smoke else args.verify_batch
     pf = (2, 37) if args.smoke else PREFILL

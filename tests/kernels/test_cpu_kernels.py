@@ -97,8 +97,8 @@ def test_low_precision_random_interleavings(dtype, state_dtype, tol_o, tol_s):
 def test_matches_torch_backend():
     """Same fp32 inputs through both backends: same cursors, buffers and outputs within fp32
     rounding (the torch backend is the reference the Triton kernels are held to as well)."""
-    d = dict(num_k_heads=2, num_v_heads=4, head_k_dim=16, head_v_dim=8, chunk_size=4,
-             max_draft_tokens=3)
+    d = {"num_k_heads": 2, "num_v_heads": 4, "head_k_dim": 16, "head_v_dim": 8,
+         "chunk_size": 4, "max_draft_tokens": 3}
     caches = {b: allocate_cache(6, **d) for b in ("torch", "cpu")}
     slots = torch.tensor([5, 0, 3], dtype=torch.int32)
     gen = torch.Generator().manual_seed(5)

@@ -38,6 +38,7 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic, overload
 
+from .. import envs  # the settings table: one parser for every VLLM_KVBUFFER* variable
 from .cache import META_HAS_STATE, META_LEN, META_PENDING, KVBufferCache
 from .validation import check
 
@@ -608,8 +609,6 @@ def _start_pool() -> None:
 def _set_threads(work: int) -> None:
     # vLLM's CPU worker sizes (and binds) torch's OpenMP pool to its cores: use as many, unless
     # VLLM_KVBUFFER_CPU_THREADS says otherwise.
-    from .. import envs   # the settings table: one parser for every VLLM_KVBUFFER* variable
-
     n = envs.get("VLLM_KVBUFFER_CPU_THREADS") or torch.get_num_threads()
     n = max(1, min(n, numba.config.NUMBA_NUM_THREADS))
     if work < _SERIAL_BELOW:
