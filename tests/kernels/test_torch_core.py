@@ -65,10 +65,10 @@ def test_custom_scale_and_no_l2norm():
     g = -torch.rand(T, 2, generator=gen, dtype=torch.float64)
     b = torch.rand(T, 2, generator=gen, dtype=torch.float64)
     cu = torch.tensor([0, T], dtype=torch.int32)
-    o = prefill(cache, slots, q, k, v, g, b, cu, use_qk_l2norm=False)
+    o = prefill(cache, slots, q, k, v, g, b, cu, use_qk_l2norm=False, backend="torch")
     ref_o, ref_S = recurrent_gated_delta_rule(q, k, v, g, b, use_qk_l2norm=False)
     assert rel_err(o, ref_o) < F64_TOL
-    assert rel_err(materialize_state(cache, slots), ref_S) < F64_TOL
+    assert rel_err(materialize_state(cache, slots, backend="torch"), ref_S) < F64_TOL
 
 
 def test_short_context_reads_no_state():
@@ -85,7 +85,7 @@ def test_short_context_reads_no_state():
         v = torch.randn(1, 2, 3, generator=gen, dtype=torch.float64)
         g = -torch.rand(1, 2, generator=gen, dtype=torch.float64)
         b = torch.rand(1, 2, generator=gen, dtype=torch.float64)
-        return (q, k, v, g, b), decode(cache, slots, q, k, v, g, b)
+        return (q, k, v, g, b), decode(cache, slots, q, k, v, g, b, backend="torch")
 
     reset_slots(cache, slots)
     assert torch.isnan(cache.state[1]).all()
@@ -117,7 +117,7 @@ def test_decode_never_writes_state_between_flushes():
         q, k = (torch.randn(1, 2, 4, generator=gen, dtype=torch.float64) for _ in range(2))
         v = torch.randn(1, 2, 4, generator=gen, dtype=torch.float64)
         g, b = -torch.rand(1, 2, dtype=torch.float64), torch.rand(1, 2, dtype=torch.float64)
-        decode(cache, slots, q, k, v, g, b)
+        decode(cache, slots, q, k, v, g, b, backend="torch")
         cur = cache.state[0].clone()
         if not torch.equal(cur.nan_to_num(7.0), prev.nan_to_num(7.0)):
             writes += 1
@@ -170,10 +170,10 @@ def test_long_decode_drift(state_dtype, bound):
             Sbf = Sbf32.to(torch.bfloat16)
             errbf = max(errbf, rel_err(obf, o64))
         for C, c in caches.items():
-            o = decode(c, slots, q, k, v, g, b)
+            o = decode(c, slots, q, k, v, g, b, backend="torch")
             err[C] = max(err[C], rel_err(o, o64))
             if t % 512 == 511:
-                err[C] = max(err[C], rel_err(materialize_state(c, slots), S64))
+                err[C] = max(err[C], rel_err(materialize_state(c, slots, backend="torch"), S64))
     for C in caches:
         assert err[C] <= bound, (C, err[C])
         if state_dtype == torch.float32:
