@@ -14,7 +14,7 @@ export HF_HOME := $(KVB_CACHE)/hf
 export HF_HUB_OFFLINE := 1
 export TMPDIR := $(KVB_CACHE)/tmp
 
-.PHONY: setup demo test test-kernels bench-decode clean
+.PHONY: setup demo lint test test-kernels bench-decode clean
 
 setup:
 	@mkdir -p $(TMPDIR)
@@ -23,7 +23,14 @@ setup:
 demo: setup
 	$(PY) examples/generate_tiny.py
 
-test: setup
+# ruff with the rules in pyproject.toml; a `# noqa: CODE` must give its reason after the code.
+lint: setup
+	$(PY) -m ruff check .
+	@if grep -rnE --include='*.py' '# noqa(: *[A-Z]+[0-9]+(, *[A-Z]+[0-9]+)*)? *$$' \
+		vllm_kvbuffer tests benchmarks examples scripts; then \
+		echo "lint: give the reason after each '# noqa: CODE' above"; exit 1; fi
+
+test: setup lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 test-kernels: setup
