@@ -222,7 +222,9 @@ def main(argv: list[str] | None = None) -> int:
     apply_local_env(ROOT)
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "4")
-    model = build_model(args.smoke)
+    # Relative to the checkout (the servers and clients run there): the result files name the
+    # model, and they should not carry this machine's paths.
+    model = os.path.relpath(build_model(args.smoke), ROOT)
     date = datetime.date.today().isoformat()
     out_dir = args.out or (ROOT / "benchmarks" / "results" /
                            ("cpu-serve-smoke" if args.smoke else f"cpu-serve-{date}"))
