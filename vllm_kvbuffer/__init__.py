@@ -17,6 +17,24 @@ SUPPORTED_VLLM = "0.32"
 # A child of vLLM's logger, so messages use vLLM's handlers and format.
 logger = logging.getLogger("vllm.kvbuffer")
 
+#: The architectures KVBuffer serves: vLLM's architecture name -> the plugin's class, registered
+#: lazily ("module:Class") under the same name (config handling, the MTP mapping and the runner
+#: choice key on it). Inactive, each class is vLLM's own unchanged. One mechanism for all of them:
+#: :mod:`vllm_kvbuffer.model_executor.hybrid`.
+HOSTS = {
+    "Qwen3NextForCausalLM":
+        "vllm_kvbuffer.model_executor.qwen3_next:KVBufferQwen3NextForCausalLM",
+    "Qwen3_5ForCausalLM": "vllm_kvbuffer.model_executor.qwen3_5:KVBufferQwen3_5ForCausalLM",
+    "Qwen3_5MoeForCausalLM":
+        "vllm_kvbuffer.model_executor.qwen3_5:KVBufferQwen3_5MoeForCausalLM",
+    "Qwen3_5ForConditionalGeneration":
+        "vllm_kvbuffer.model_executor.qwen3_5:KVBufferQwen3_5ForConditionalGeneration",
+    "Qwen3_5MoeForConditionalGeneration":
+        "vllm_kvbuffer.model_executor.qwen3_5:KVBufferQwen3_5MoeForConditionalGeneration",
+    "OlmoHybridForCausalLM":
+        "vllm_kvbuffer.model_executor.olmo_hybrid:KVBufferOlmoHybridForCausalLM",
+}
+
 _registered = False
 _compatible: bool | None = None
 
@@ -45,9 +63,10 @@ def register() -> None:
 
     Cheap and re-entrant: vLLM calls it in every process, possibly more than once. It checks the
     vLLM version, adds the ``--load-plugin kvbuffer`` options to vLLM's CLI (:mod:`.patches`) and
-    registers the KVBuffer Qwen3-Next class (lazily, by name) over vLLM's; that class is stock
-    unless KVBuffer settings are present. A wrong vLLM version leaves the plugin
-    inactive with an error in the log rather than crashing an engine that does not use it.
+    registers the KVBuffer class of every architecture in :data:`HOSTS` (lazily, by name) over
+    vLLM's; those classes are stock unless KVBuffer settings are present. A wrong vLLM version
+    leaves the plugin inactive with an error in the log rather than crashing an engine that does
+    not use it.
     """
     global _registered
     if _registered:
@@ -69,7 +88,6 @@ def register() -> None:
     patches.apply()
     # Same architecture name: config handling, the MTP mapping and the runner choice key on it.
     # Inactive, the registered subclass is vLLM's class unchanged.
-    ModelRegistry.register_model(
-        "Qwen3NextForCausalLM",
-        "vllm_kvbuffer.model_executor.qwen3_next:KVBufferQwen3NextForCausalLM")
+    for arch, target in HOSTS.items():
+        ModelRegistry.register_model(arch, target)
     logger.info("vllm-kvbuffer %s loaded (vLLM %s)", __version__, found)

@@ -79,8 +79,9 @@ ENV_VARS: dict[str, EnvVar] = {
         "`triton`, `cpu`", parse_backend),
     "VLLM_KVBUFFER_VALUE_CHECKS": EnvVar(
         "bool", True,
-        "value checks in the kernel API (slot ranges, accepted counts, buffer capacity; they "
-        "synchronise with the host); `set_value_checks` switches them at run time", parse_bool),
+        "value checks in the kernel API (slot ranges, accepted counts, buffer capacity, beta "
+        "range; they synchronise with the host); `set_value_checks` switches them at run time",
+        parse_bool),
     "VLLM_KVBUFFER_CPU_THREADS": EnvVar(
         "int >= 1", None,
         "threads of the native CPU kernels (backend `cpu`); unset: as many as torch uses (vLLM "

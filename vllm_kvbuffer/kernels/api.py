@@ -2,7 +2,8 @@
 
 Semantics (``shared/design/kvbuffer-math.md``): q and k are the raw post-conv1d projections,
 L2-normalised inside when ``use_qk_l2norm``; ``scale`` defaults to ``head_k_dim ** -0.5``; ``g`` is
-the log-space decay (<= 0) and ``beta`` the write strength in (0, 1); value head h reads key head
+the log-space decay (<= 0) and ``beta`` the write strength in (0, ``cache.beta_max``] (1 for a
+sigmoid gate, 2 for layers that allow negative eigenvalues); value head h reads key head
 ``h // (HV // H)``. Outputs equal the token-by-token recurrence over each slot's committed token
 stream. A slot's state is flushed as soon as its committed buffer holds ``chunk_size`` tokens; a
 slot that never flushed reads no state at all (short-context path).
@@ -105,6 +106,11 @@ def _check_token_inputs(cache: KVBufferCache, lead: tuple, q, k, v, g, beta) -> 
     check_tensor(v, "v", shape=lead + (HV, V), dtypes=(k.dtype,), device=dev)
     check_tensor(g, "g", shape=lead + (HV,), dtypes=_FLOAT_DTYPES, device=dev)
     check_tensor(beta, "beta", shape=lead + (HV,), dtypes=_FLOAT_DTYPES, device=dev)
+    if value_checks_enabled() and beta.numel():
+        lo, hi = float(beta.min()), float(beta.max())   # host sync: value checks only
+        check(0.0 <= lo and hi <= cache.beta_max, "beta",
+              f"values in [0, beta_max={cache.beta_max}] (the layer's write strength)",
+              f"values in [{lo}, {hi}]")
 
 
 def _check_slot_values(cache: KVBufferCache, slots: torch.Tensor, *, new_tokens: int | None,

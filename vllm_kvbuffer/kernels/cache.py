@@ -65,6 +65,10 @@ class KVBufferCache:
     # Whether q/k are L2-normalised inside the kernels; fixed by the first operation on the pool
     # because buffered raw keys are re-normalised later and must be treated the same way.
     qk_l2norm: bool | None = field(default=None)
+    # Upper bound of the write strength beta the layer produces: 1 for sigmoid(b) (Qwen3-Next,
+    # Qwen3.5), 2 where the layer allows negative eigenvalues (OLMo Hybrid: beta = 2 sigmoid(b)).
+    # The value checks of the operations hold beta to (0, beta_max]; the math holds for any beta.
+    beta_max: float = 1.0
 
     def __post_init__(self) -> None:
         check(self.state.dim() == 4, "state", "4-D [S, HV, V, K]", tuple(self.state.shape))
@@ -72,6 +76,8 @@ class KVBufferCache:
         check(self.buf_k.dim() == 4, "buf_k", "4-D [S, B, H, K]", tuple(self.buf_k.shape))
         _, B, H, _ = self.buf_k.shape
         check_int("chunk_size", self.chunk_size, minimum=1)
+        check(self.beta_max in (1.0, 2.0), "beta_max", "1.0 (sigmoid gate) or 2.0 (negative "
+              "eigenvalues allowed)", self.beta_max)
         check_int("max_draft_tokens", self.max_draft_tokens, minimum=0)
         check(B == self.chunk_size + self.max_draft_tokens, "buf_k.shape[1]",
               f"chunk_size + max_draft_tokens = {self.chunk_size + self.max_draft_tokens}", B)

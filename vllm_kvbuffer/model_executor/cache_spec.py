@@ -75,15 +75,16 @@ def check_page_layout(shapes: Sequence[tuple[int, ...]], dtypes: Sequence[torch.
 
 
 def cache_from_layer_states(kv_cache: Sequence[torch.Tensor], *, chunk_size: int,
-                            max_draft_tokens: int = 0) -> KVBufferCache:
+                            max_draft_tokens: int = 0, beta_max: float = 1.0) -> KVBufferCache:
     """A :class:`KVBufferCache` over a KVBuffer GDN layer's bound ``self.kv_cache``.
 
     ``kv_cache`` is ``(conv, ssm, buf_u, buf_g, meta, buf_k)``, each ``[num_blocks, *shape]`` and
     strided by the (padded) page. No copy: the cache's tensors are these views, so slot ids are
-    vLLM's block ids.
+    vLLM's block ids. ``beta_max``: the layer's bound on beta (:class:`KVBufferCache`).
     """
     check(len(kv_cache) == NUM_STOCK_STATES + 4, "kv_cache",
           f"{NUM_STOCK_STATES + 4} states (conv, ssm, buf_u, buf_g, meta, buf_k)", len(kv_cache))
     _, ssm, buf_u, buf_g, meta, buf_k = kv_cache
     return KVBufferCache(state=ssm, buf_k=buf_k, buf_u=buf_u, buf_g=buf_g, meta=meta,
-                         chunk_size=chunk_size, max_draft_tokens=max_draft_tokens)
+                         chunk_size=chunk_size, max_draft_tokens=max_draft_tokens,
+                         beta_max=beta_max)

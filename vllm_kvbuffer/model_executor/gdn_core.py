@@ -55,6 +55,8 @@ class GDNParams:
     head_k_dim: int
     head_v_dim: int
     backend: str
+    #: beta = beta_scale * sigmoid(b): 2 where the layer allows negative eigenvalues (OLMo Hybrid).
+    beta_scale: float = 1.0
 
     @property
     def width(self) -> int:
@@ -77,6 +79,8 @@ def qkv_gates(p: GDNParams, y: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
     f = _acc(a.dtype)
     g = -torch.exp(p.A_log.to(f)) * F.softplus(a.to(f) + p.dt_bias.to(f))
     beta = torch.sigmoid(b.to(f))
+    if p.beta_scale != 1.0:
+        beta = beta * p.beta_scale
     return q, k, v, g, beta
 
 

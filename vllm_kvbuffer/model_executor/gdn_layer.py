@@ -1,15 +1,18 @@
-"""KVBuffer Gated DeltaNet layer for vLLM 0.32's Qwen3-Next.
+"""KVBuffer Gated DeltaNet layers for vLLM 0.32's GDN layer classes.
 
-A stock ``QwenGatedDeltaNetAttention`` is *promoted* to :class:`KVBufferGatedDeltaNet` after the
-model is built (its parameters, weight loaders and forward-context entry stay as they are). The
-promoted layer
+A stock GDN layer is *promoted* after the model is built (its parameters, weight loaders and
+forward-context entry stay as they are): ``QwenGatedDeltaNetAttention`` (Qwen3-Next, Qwen3.5 dense,
+MoE and VL) to :class:`KVBufferGatedDeltaNet`; OLMo Hybrid's ``OlmoHybridGatedDeltaNetAttention``
+to the class :mod:`.olmo_hybrid` builds from the same :class:`KVBufferGDNLayerMixin`. The promoted
+layer
 
 - appends the KVBuffer states to its cache page (``get_state_shape`` / ``get_state_dtype``, the
   same tuple as the model classmethods: :mod:`.cache_spec`), so vLLM's allocator places the
   buffers beside the recurrent state;
-- runs vLLM's own device-agnostic projection path on every platform (``forward_cuda``: input
-  projections, the ``vllm::qwen_gdn_attention_core`` custom op, output projection), and replaces
-  the core that op dispatches to (``_forward_core``), which unpacks vLLM's GDN metadata and hands
+- runs vLLM's own device-agnostic projection path on every platform (Qwen: ``forward_cuda``, i.e.
+  input projections, the ``vllm::qwen_gdn_attention_core`` custom op, output projection; OLMo
+  Hybrid: its ``forward``, one custom op around the whole layer), and replaces the core that path
+  dispatches to (``_forward_core``), which unpacks vLLM's GDN metadata and hands
   the rows to :mod:`.gdn_core` (causal conv with the layer's conv state, gates, and the KVBuffer
   operations on the slot pool): decode-only and uniform speculative batches, the ones vLLM
   captures in FULL CUDA graphs, take its graph-safe paths.
@@ -33,25 +36,37 @@ from . import gdn_core
 from .cache_spec import cache_from_layer_states, kvbuffer_state_dtypes, kvbuffer_state_shapes
 
 
-class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
-    """A promoted stock layer; see the module docstring. Never constructed directly."""
+class KVBufferGDNLayerMixin:
+    """The KVBuffer behaviour of a promoted GDN layer, for any vLLM GDN layer class whose core is
+    ``_forward_core(mixed_qkv, b, a, core_attn_out)`` over a ``[q | k | v]`` conv input and
+    ``(conv, ssm)`` states (both of vLLM 0.32's). Put it first in the bases; the stock class is
+    :attr:`stock_class`."""
 
+    #: The vLLM layer class this KVBuffer class promotes (set by each subclass).
+    stock_class: type
     _kvb: KVBufferSettings
 
     def __init__(self, *args, **kwargs):  # pragma: no cover - promotion only
-        raise TypeError("KVBufferGatedDeltaNet is created by promote(), not constructed")
+        raise TypeError(f"{type(self).__name__} is created by promote(), not constructed")
 
     @classmethod
-    def promote(cls, layer: QwenGatedDeltaNetAttention, settings: KVBufferSettings) -> None:
-        if type(layer) is not QwenGatedDeltaNetAttention:
-            raise TypeError(f"layer: expected a QwenGatedDeltaNetAttention, got "
+    def promote(cls, layer, settings: KVBufferSettings) -> None:
+        if type(layer) is not cls.stock_class:
+            raise TypeError(f"layer: expected a {cls.stock_class.__name__}, got "
                             f"{type(layer).__name__}")
         layer.__class__ = cls
         layer._kvb = settings
-        # The stock __init__ bound the platform forward (on the CPU: the bf16-only C++ core).
-        # forward_cuda is vLLM's device-agnostic path through the custom op -> _forward_core.
-        layer._forward_method = layer.forward_cuda
-        layer.enable_fused_gdn_spec_decode = False
+        cls._after_promote(layer)
+
+    @classmethod
+    def _after_promote(cls, layer) -> None:
+        """Per-class fix-ups of a freshly promoted layer."""
+
+    @property
+    def beta_scale(self) -> float:
+        """The write strength is ``beta_scale * sigmoid(b)``: 2 where the layer allows negative
+        eigenvalues (OLMo Hybrid's ``allow_neg_eigval``: beta in (0, 2)), 1 otherwise."""
+        return 2.0 if getattr(self, "allow_neg_eigval", False) else 1.0
 
     # -- cache spec ---------------------------------------------------------------------------
     def get_state_shape(self):
@@ -84,11 +99,12 @@ class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
 
     def _params(self) -> gdn_core.GDNParams:
         return gdn_core.GDNParams(
-            conv_weight=self._conv_weight(), conv_bias=self.conv1d.bias,
+            conv_weight=self._conv_weight(), conv_bias=getattr(self.conv1d, "bias", None),
             activation=self.activation, A_log=self.A_log, dt_bias=self.dt_bias,
             num_k_heads=self.num_k_heads // self.tp_size,
             num_v_heads=self.num_v_heads // self.tp_size,
-            head_k_dim=self.head_k_dim, head_v_dim=self.head_v_dim, backend=self._backend())
+            head_k_dim=self.head_k_dim, head_v_dim=self.head_v_dim, backend=self._backend(),
+            beta_scale=self.beta_scale)
 
     def _forward_core(self, mixed_qkv: torch.Tensor, b: torch.Tensor, a: torch.Tensor,
                       core_attn_out: torch.Tensor) -> None:
@@ -97,11 +113,25 @@ class KVBufferGatedDeltaNet(QwenGatedDeltaNetAttention):
         if m is None:
             return
         cache = cache_from_layer_states(self.kv_cache, chunk_size=self._kvb.chunk_size,
-                                        max_draft_tokens=self.num_spec)
+                                        max_draft_tokens=self.num_spec,
+                                        beta_max=self.beta_scale)
         conv_cache = self.kv_cache[0]
         conv_state = conv_cache.transpose(-1, -2) if is_conv_state_dim_first() else conv_cache
         forward_with_metadata(m, cache, conv_state, self._params(), mixed_qkv, b, a,
                               core_attn_out)
+
+
+class KVBufferGatedDeltaNet(KVBufferGDNLayerMixin, QwenGatedDeltaNetAttention):
+    """A promoted ``QwenGatedDeltaNetAttention``; see the module docstring."""
+
+    stock_class = QwenGatedDeltaNetAttention
+
+    @classmethod
+    def _after_promote(cls, layer) -> None:
+        # The stock __init__ bound the platform forward (on the CPU: the bf16-only C++ core).
+        # forward_cuda is vLLM's device-agnostic path through the custom op -> _forward_core.
+        layer._forward_method = layer.forward_cuda
+        layer.enable_fused_gdn_spec_decode = False
 
 
 def layer_metadata(attn_metadata, prefix: str):

