@@ -301,3 +301,35 @@ def test_recurrence_errors():
     with pytest.raises(ValueError, match=r"v.shape\[1\] \(HV\): expected a multiple of H=2, got 3"):
         recurrent_gated_delta_rule(torch.randn(4, 2, 4), torch.randn(4, 2, 4),
                                    torch.randn(4, 3, 3), torch.zeros(4, 3), torch.zeros(4, 3))
+
+
+def test_beta_bound_follows_the_layer():
+    """beta above the cache's beta_max is refused before anything is written; a cache for a layer
+    that allows negative eigenvalues (OLMo Hybrid: beta = 2 sigmoid(b), beta_max 2) accepts beta
+    in (0, 2), and its outputs across a flush equal the float64 recurrence."""
+    q, k, v, g, _ = tok(1)
+    c = mk()
+    reset_slots(c, i32(0))
+    before = snapshot(c, list(range(S)))
+    with pytest.raises(ValueError, match=r"beta: expected values in \[0, beta_max=1.0\]"):
+        decode(c, i32(0), q, k, v, g, torch.full((1, HV), 1.5))
+    assert_bitwise_equal(snapshot(c, list(range(S))), before)
+    with pytest.raises(ValueError, match=r"beta_max: expected 1.0 .* or 2.0"):
+        mk(beta_max=1.5)
+
+    f64 = torch.float64
+    c = mk(dtype=f64, state_dtype=f64, beta_max=2.0)
+    reset_slots(c, i32(3))
+    T = C + 3                                     # prefill crosses one flush, then two decodes
+    g_ = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(T + 2, H, K, dtype=f64, generator=g_) for _ in range(2))
+    v = torch.randn(T + 2, HV, V, dtype=f64, generator=g_)
+    gg = -torch.rand(T + 2, HV, dtype=f64, generator=g_)
+    beta = 1.0 + torch.rand(T + 2, HV, dtype=f64, generator=g_)       # in (1, 2)
+    out = [prefill(c, i32(3), q[:T], k[:T], v[:T], gg[:T], beta[:T],
+                   torch.tensor([0, T], dtype=torch.int32), backend="torch")]
+    for t in (T, T + 1):
+        out.append(decode(c, i32(3), q[t:t + 1], k[t:t + 1], v[t:t + 1], gg[t:t + 1],
+                          beta[t:t + 1], backend="torch"))
+    ref, _ = recurrent_gated_delta_rule(q, k, v, gg, beta)
+    torch.testing.assert_close(torch.cat(out), ref, rtol=1e-10, atol=1e-10)

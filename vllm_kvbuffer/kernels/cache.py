@@ -147,7 +147,7 @@ class KVBufferCache:
 def allocate_cache(num_slots: int, *, num_k_heads: int, num_v_heads: int, head_k_dim: int,
                    head_v_dim: int, chunk_size: int = 16, max_draft_tokens: int = 0,
                    dtype: torch.dtype = torch.float32, state_dtype: torch.dtype = torch.float32,
-                   device: torch.device | str = "cpu") -> KVBufferCache:
+                   device: torch.device | str = "cpu", beta_max: float = 1.0) -> KVBufferCache:
     """Allocate a pool of ``num_slots`` empty KVBuffer slots.
 
     Args:
@@ -161,6 +161,8 @@ def allocate_cache(num_slots: int, *, num_k_heads: int, num_v_heads: int, head_k
             operations must have this dtype.
         state_dtype: dtype of the recurrent state (fp32 recommended; float64 for exactness tests).
         device: where the pool lives.
+        beta_max: the layer's bound on beta, 1 (sigmoid gate) or 2 (negative eigenvalues
+            allowed, beta = 2 sigmoid(b)); the value checks hold beta to it.
 
     Every slot starts empty (as after :func:`reset_slots`). The state and buffer memory is filled
     with NaN so that any read of memory the algorithm must not read shows up in the outputs.
@@ -189,6 +191,7 @@ def allocate_cache(num_slots: int, *, num_k_heads: int, num_v_heads: int, head_k
         meta=torch.zeros((num_slots, META_COLS), dtype=torch.int32, device=device),
         chunk_size=chunk_size,
         max_draft_tokens=max_draft_tokens,
+        beta_max=beta_max,
     )
 
 
