@@ -10,8 +10,16 @@ counters), abort ({"ids": prompt indices, "after_steps": n}: every request in
 flight at once in vLLM's streaming engine loop, those aborted after n steps).
 Tests start each engine in a fresh process: vLLM keeps process-global state (plugins, registry,
 distributed groups) that one engine per process keeps honest.
+
+``python -m tests.engine_run --serve`` is what :func:`tests.utils.run_engine` starts once per test
+session: a launcher that imports vLLM once (about 6 of the 9 seconds an engine process needs
+before its first step on the project's 2-core machine), then forks one fresh child per engine.
+Each child gets exactly the environment a subprocess would (the request carries it), its own
+process group and its own stdout/stderr files, runs one engine as above and exits. vLLM's
+engine state, plugins and registry are first touched in the child, never in the launcher.
 """
 
+import contextlib
 import json
 import os
 import pathlib
@@ -20,13 +28,13 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
-def main() -> None:
+def run(spec: dict) -> None:
+    """Run the engine ``spec`` describes; print its outputs as the ``RESULT`` line."""
     from vllm_kvbuffer.tools.local_env import apply_local_env
 
     apply_local_env(ROOT)
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-    spec = json.loads(sys.argv[1])
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
@@ -88,8 +96,108 @@ def main() -> None:
     info = {"metrics": metrics, "plugin_registered": vllm_kvbuffer._registered,
             "qwen3_next_class": getattr(entry, "class_name", None) or repr(entry),
             "qwen3_next_module": getattr(entry, "module_name", None), "pid": os.getpid()}
-    print("RESULT " + json.dumps({"outputs": result, "info": info}))
+    print("RESULT " + json.dumps({"outputs": result, "info": info}), flush=True)
+
+
+def _child(request: dict) -> None:
+    """In the forked child: become the engine process the request describes, then exit."""
+    code = 1
+    try:
+        os.setpgid(0, 0)            # the launcher ends the whole group on a timeout
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+            out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            os.dup2(out, fd)
+            os.close(out)
+        os.environ.clear()
+        os.environ.update(request["env"])
+        os.chdir(request["cwd"])
+        run(request["spec"])
+        code = 0
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else 1
+    except BaseException:  # noqa: BLE001  (any failure is the engine's: report it, exit 1)
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        # What interpreter exit would do for the engine (vLLM shuts its engine down from atexit
+        # handlers and finalizers); then leave without returning into the launcher's loop.
+        import atexit
+
+        try:
+            atexit._run_exitfuncs()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+
+
+def _warm_logprobs() -> None:
+    """Compile vLLM's ``batched_count_greater_than`` (a ``torch.compile`` function every engine
+    that returns logprobs calls; about 2 s of Dynamo and Inductor per process, twice: static, then
+    dynamic shapes) once here, for every child. One thread, so that no OpenMP pool exists in the
+    launcher when it forks; the children set their own thread counts as vLLM's CPU worker does."""
+    import torch
+    from vllm.v1.sample.ops.logprobs import batched_count_greater_than
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for rows, cols in ((1, 256), (3, 257)):
+            x = torch.arange(rows * cols, dtype=torch.float32).reshape(rows, cols)
+            batched_count_greater_than(x, x[:, :1])
+    finally:
+        torch.set_num_threads(threads)
+
+
+def serve() -> None:
+    """The launcher loop: one JSON request per stdin line (``spec``, ``env``, ``cwd``, ``stdout``,
+    ``stderr``, ``timeout``), one JSON reply per stdout line (``returncode``, ``timed_out``,
+    ``cpu_s``: the child's CPU seconds)."""
+    import signal
+    import time
+
+    from vllm_kvbuffer.tools.local_env import apply_local_env
+
+    # Replies go to a private copy of stdout; whatever the launcher itself prints (vLLM logs at
+    # import) goes to stderr and cannot corrupt them.
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    apply_local_env(ROOT)
+    # The imports every engine child inherits (the point of the launcher): run()'s own.
+    import vllm.entrypoints.llm  # noqa: F401  (imported for the children, see above)
+
+    _warm_logprobs()
+    for line in sys.stdin:
+        request = json.loads(line)
+        reply.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _child(request)
+        deadline = time.monotonic() + request["timeout"]
+        timed_out = False
+        while True:
+            done, status, usage = os.wait4(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                timed_out = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pid, signal.SIGKILL)
+                _, status, usage = os.wait4(pid, 0)
+                break
+            time.sleep(0.05)
+        reply.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status),
+                                "timed_out": timed_out,
+                                "cpu_s": usage.ru_utime + usage.ru_stime}) + "\n")
+        reply.flush()
 
 
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:] == ["--serve"]:
+        serve()
+    else:
+        run(json.loads(sys.argv[1]))

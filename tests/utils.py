@@ -8,6 +8,7 @@ functions they and the tests call, so that nothing imports from a conftest.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -108,16 +109,68 @@ def tiny_cyclic_mtp_checkpoint() -> str:
 # ----------------------------------------------------------------------------------------------
 
 
+class _EngineLauncher:
+    """The session's ``python -m tests.engine_run --serve``: started on first use, it forks one
+    child per engine (see tests/engine_run.py), so vLLM is imported once per session instead of
+    once per engine. Stopped at interpreter exit."""
+
+    def __init__(self):
+        self.proc: subprocess.Popen | None = None
+        self.folder = ROOT / ".cache" / "tmp" / f"engines-{os.getpid()}"
+
+    def _start(self) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen([sys.executable, "-m", "tests.engine_run", "--serve"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=open(self.folder / "launcher.log", "w"), text=True,
+                                     cwd=str(ROOT), env=dict(os.environ))
+
+    def run(self, spec: dict, env: dict, timeout: int) -> subprocess.CompletedProcess:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        name = uuid.uuid4().hex[:8]
+        out, err = self.folder / f"{name}.out", self.folder / f"{name}.err"
+        request = {"spec": spec, "env": env, "cwd": str(ROOT), "stdout": str(out),
+                   "stderr": str(err), "timeout": timeout}
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the engine launcher died:\n"
+                               + (self.folder / "launcher.log").read_text()[-4000:])
+        reply = json.loads(line)
+        stdout, stderr = out.read_text(), err.read_text()
+        out.unlink()
+        err.unlink()
+        args = [sys.executable, "-m", "tests.engine_run", json.dumps(spec)]
+        if reply["timed_out"]:
+            raise subprocess.TimeoutExpired(args, timeout, stdout, stderr)
+        proc = subprocess.CompletedProcess(args, reply["returncode"], stdout, stderr)
+        proc.cpu_s = reply["cpu_s"]
+        return proc
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+_launcher = _EngineLauncher()
+atexit.register(_launcher.stop)
+
+
 def run_engine(spec: dict, *, env: dict | None = None, expect_ok: bool = True,
                timeout: int = 600):
-    """Run one engine (``tests/engine_run.py``) in a subprocess; return its parsed outputs and
-    the finished process (``proc.info``: the runner's info dict), or with ``expect_ok=False``
-    the process only."""
-    full_env = dict(os.environ)
-    full_env.update(env or {})
-    proc = subprocess.run([sys.executable, "-m", "tests.engine_run", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=timeout, env=full_env,
-                          cwd=str(ROOT))
+    """Run one engine (``tests/engine_run.py``) in a fresh process forked by the session's engine
+    launcher, with ``os.environ`` plus ``env`` as its environment; return its parsed outputs and
+    the finished process (``proc.stdout``, ``proc.stderr``, ``proc.returncode``; ``proc.info``:
+    the runner's info dict), or with ``expect_ok=False`` the process only."""
+    proc = _launcher.run(spec, dict(os.environ, **(env or {})), timeout)
     if not expect_ok:
         return proc
     assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]

