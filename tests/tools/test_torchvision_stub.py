@@ -32,7 +32,7 @@ if {first}:   # the worst place for it: first on sys.meta_path
     sys.meta_path.insert(0, stub.StubFinder())
 import torchvision
 print(json.dumps({{"file": torchvision.__file__, "stub": stub.is_stub(torchvision),
-                  "real": getattr(torchvision, "REAL", False)}}))
+                  "real": getattr(torchvision, "REAL", False) is True}}))
 """
 
 
@@ -72,7 +72,8 @@ print(json.dumps({"finder_last": isinstance(sys.meta_path[-1], StubFinder),
 
 def test_resize_close_to_pil():
     """Bilinear antialiased resize of a uint8 image (down and up) within 1 level of PIL's, as
-    torchvision's own; normalize, pad and crop as torchvision defines them."""
+    torchvision's own; normalize, pad, crop, grayscale_to_rgb, to_tensor and to_pil_image as
+    torchvision defines them."""
     got = _python("""
 import json, numpy as np, torch
 import vllm_kvbuffer.tools.torchvision_stub as stub
@@ -93,9 +94,22 @@ out["norm"] = bool(torch.equal(F.normalize(x, [0.5] * 3, [2.0] * 3), (x - 0.5) /
 pd = F.pad(x, [1, 2, 3, 4], fill=0)
 out["pad"] = [list(pd.shape), bool(torch.equal(pd[:, 2:7, 1:8], x)), float(pd[:, 0].abs().sum())]
 out["crop"] = bool(torch.equal(F.crop(x, 1, 2, 3, 4), x[:, 1:4, 2:6]))
+out["gray"] = list(F.grayscale_to_rgb(torch.zeros(2, 1, 5, 7)).shape)
+out["to_tensor"] = bool(torch.equal(F.to_tensor(im), t.float() / 255))
+out["pil_round_trip"] = bool(torch.equal(F.pil_to_tensor(F.to_pil_image(t)), t))
+from torchvision.transforms.functional import rotate   # a name the stand-in lacks
+try:
+    rotate(x, 90)
+except NotImplementedError as e:
+    out["missing"] = str(e)
 print(json.dumps(out))
 """)
     assert got["shape"] == [3, 37, 53] and got["dtype"] == "torch.uint8"
     assert max(got["diff"]) <= 1, got["diff"]
     assert got["norm"] and got["crop"]
     assert got["pad"] == [[3, 11, 11], True, 0.0]
+    assert got["gray"] == [2, 3, 5, 7] and got["to_tensor"] and got["pil_round_trip"]
+    # Names it does not implement import (modules import many they never call) and fail when
+    # called, naming themselves.
+    assert got["missing"].startswith("torchvision.transforms.functional.rotate: not available "
+                                     "in the development stand-in for torchvision")

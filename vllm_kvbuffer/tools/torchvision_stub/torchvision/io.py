@@ -12,15 +12,7 @@ class ImageReadMode(enum.Enum):
     RGBA = RGB_ALPHA
 
 
-def _missing(name):
-    def fn(*args, **kwargs):
-        raise NotImplementedError(
-            f"torchvision.io.{name}: not available in the development stand-in for torchvision "
-            f"(vllm_kvbuffer.tools.torchvision_stub); install torchvision's CPU build")
-    fn.__name__ = name
-    return fn
+def __getattr__(name: str):
+    from ._missing import missing
 
-
-decode_image = _missing("decode_image")
-read_image = _missing("read_image")
-read_video = _missing("read_video")
+    return missing("torchvision.io", name)

@@ -118,9 +118,43 @@ def center_crop(image: torch.Tensor, output_size) -> torch.Tensor:
     return crop(image, int(round((H - h) / 2.0)), int(round((W - w) / 2.0)), h, w)
 
 
+def to_pil_image(pic, mode=None):
+    """A ``[C, H, W]`` (or ``[H, W]``) tensor or an ``[H, W, C]`` array as a PIL image (uint8 as
+    is, floats scaled by 255)."""
+    from PIL import Image
+
+    if isinstance(pic, torch.Tensor):
+        t = pic if pic.dim() == 3 else pic.unsqueeze(0)
+        if t.is_floating_point():
+            t = (t * 255).round().clamp(0, 255)
+        arr = t.to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    else:
+        arr = np.asarray(pic)
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    return Image.fromarray(arr, mode=mode)
+
+
+def grayscale_to_rgb(image: torch.Tensor) -> torch.Tensor:
+    """``[..., 1, H, W]`` repeated to three channels; other images unchanged."""
+    return image.repeat_interleave(3, dim=-3) if image.shape[-3] == 1 else image
+
+
+def to_tensor(pic) -> torch.Tensor:
+    """A PIL image or ``[H, W, C]`` uint8 array as a float ``[C, H, W]`` tensor in [0, 1]."""
+    t = pil_to_tensor(pic)
+    return t if t.is_floating_point() else t.float().div_(255)
+
+
 def pil_to_tensor(pic) -> torch.Tensor:
     """A PIL image as a ``[C, H, W]`` tensor of its own dtype (no scaling), as torchvision does."""
     arr = np.array(pic, copy=True)
     if arr.ndim == 2:
         arr = arr[:, :, None]
     return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
+
+
+def __getattr__(name: str):
+    from ..._missing import missing
+
+    return missing("torchvision.transforms.v2.functional", name)
