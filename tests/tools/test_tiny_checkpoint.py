@@ -313,3 +313,67 @@ def test_cli_options_are_generated_from_the_spec():
         assert a.default == f.default and a.help.replace("%%", "%").startswith(f.metadata["help"])
     assert actions["dtype"].choices == ("bfloat16", "float16", "float32")
     assert actions["mtp"].const is True and actions["mtp"].nargs == 0    # a flag
+
+
+# -- the other families (laid out by transformers) ----------------------------------------------
+
+FAMILY_ARGS = {
+    "qwen3_5": dict(arch="qwen3_5", mtp=True),
+    "qwen3_5_moe": dict(arch="qwen3_5_moe", mtp=True),
+    "qwen3_5_vl": dict(arch="qwen3_5", vision=True),
+    "olmo_hybrid": dict(arch="olmo_hybrid", neg_eigval=True),
+}
+
+
+@pytest.mark.parametrize("family", list(FAMILY_ARGS))
+def test_other_families_deterministic_and_load_in_hf(tmp_path, family):
+    """Each family: the same bytes twice (also with transformers' own init drawing from the
+    global generator in between), the architecture and dims in the config, every weight of the
+    HF model in the file (nothing missing, nothing left at transformers' init), the MTP layer's
+    keys under ``mtp.`` where asked, and the global RNG left as it was."""
+    import transformers
+
+    args = dict(FAMILY_ARGS[family], dtype="float32")
+    rng = torch.random.get_rng_state()
+    a = tc.build_tiny_checkpoint(tmp_path / "a", **args)
+    assert torch.equal(torch.random.get_rng_state(), rng)
+    torch.manual_seed(123)
+    b = tc.build_tiny_checkpoint(tmp_path / "b", **args)
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb) and all(fa[n] == fb[n] for n in fa)
+
+    spec = tc.TinyCheckpointSpec(**args)
+    cfg = json.loads((a / "config.json").read_text())
+    assert cfg["architectures"] == [spec.architecture]
+    text = cfg.get("text_config", cfg)
+    assert text["layer_types"] == spec.layer_types
+    assert (text["linear_num_key_heads"], text["linear_num_value_heads"]) == (2, 4)
+    if family == "olmo_hybrid":
+        assert cfg["linear_allow_neg_eigval"] is True
+    model, info = getattr(transformers, spec.architecture).from_pretrained(
+        str(a), dtype=torch.float32, output_loading_info=True)
+    assert not info["missing_keys"] and not info["mismatched_keys"], info
+    saved = _tensors(a)
+    mtp = sorted(k for k in saved if k.startswith("mtp."))
+    assert bool(mtp) == bool(args.get("mtp")), mtp[:5]
+    if mtp:
+        assert {"mtp.fc.weight", "mtp.norm.weight", "mtp.pre_fc_norm_embedding.weight",
+                "mtp.pre_fc_norm_hidden.weight"} <= set(mtp)
+        assert any(k.startswith("mtp.layers.0.self_attn.") for k in mtp)
+    # Every linear weight comes from the builder's draws: std near 0.05, not transformers' 0.02.
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "embed" not in name and "lm_head" not in name and p.numel() > 1000:
+            assert 0.04 < float(p.std()) < 0.06, (name, float(p.std()))
+
+
+def test_family_options_are_checked(tmp_path):
+    for kwargs, match in [(dict(arch="llama"), "arch must be one of"),
+                          (dict(arch="olmo_hybrid", mtp=True), "no MTP drafter"),
+                          (dict(arch="qwen3_next", vision=True), "no vision-language class"),
+                          (dict(arch="qwen3_5", neg_eigval=True), "only olmo_hybrid")]:
+        with pytest.raises(ValueError, match=match):
+            tc.build_tiny_checkpoint(tmp_path / "bad", **kwargs)
+    assert not (tmp_path / "bad").exists()
+    # Fields added after the first version stay out of a Qwen3-Next build's identity.
+    assert set(tc.TinyCheckpointSpec().to_json_dict()) == {
+        f for f in tc.TinyCheckpointSpec.__dataclass_fields__ if f not in tc._LATER_FIELDS}
