@@ -1,7 +1,9 @@
 """Per-request linear-attention cache and maximum concurrency: stock vLLM vs KVBuffer.
 
-Uses vLLM 0.32's own arithmetic on the Qwen3-Next-80B-A3B configuration (config only, no weights;
-``transformers.Qwen3NextConfig()`` defaults are that model, plus one MTP layer): a ``VllmConfig``
+Uses vLLM 0.32's own arithmetic on two configurations (config only, no weights, plus one MTP
+layer each): Qwen3-Next-80B-A3B (``transformers.Qwen3NextConfig()`` defaults are that model) and
+Qwen3.5 (``transformers.Qwen3_5TextConfig()`` defaults: 32 layers, 24 GDN, H=16, HV=32,
+K=V=128, ``Qwen3_5ForCausalLM``): a ``VllmConfig``
 built by ``EngineArgs.create_engine_config``, the Mamba state shapes and dtypes from the model
 class's classmethods (KVBuffer's when ``additional_config["kvbuffer"]`` is set), the hybrid
 page-size alignment of ``Platform._align_hybrid_block_size``, ``MambaSpec`` /
@@ -29,14 +31,33 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 1 << 30
 
 
-def _model_dir(tmp: pathlib.Path) -> str:
-    from transformers import Qwen3NextConfig
+#: The configurations measured: name -> (transformers config class, architecture, MTP field).
+MODELS = {
+    "Qwen3-Next-80B-A3B": ("Qwen3NextConfig", "Qwen3NextForCausalLM", "num_nextn_predict_layers"),
+    "Qwen3.5 (Qwen3_5TextConfig defaults)": ("Qwen3_5TextConfig", "Qwen3_5ForCausalLM",
+                                             "mtp_num_hidden_layers"),
+}
 
-    cfg = Qwen3NextConfig()            # Qwen3-Next-80B-A3B
-    cfg.architectures = ["Qwen3NextForCausalLM"]
-    cfg.num_nextn_predict_layers = 1
+
+def _model_dir(tmp: pathlib.Path, model: str = "Qwen3-Next-80B-A3B") -> str:
+    import transformers
+
+    config_cls, arch, mtp_field = MODELS[model]
+    cfg = getattr(transformers, config_cls)()
+    cfg.architectures = [arch]
+    setattr(cfg, mtp_field, 1)
     cfg.save_pretrained(tmp)
     return str(tmp)
+
+
+def _model_class(arch: str):
+    """The plugin's class for ``arch`` (stock behaviour when kvbuffer is unset)."""
+    import importlib
+
+    from vllm_kvbuffer import HOSTS
+
+    module, name = HOSTS[arch].split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def measure(model_dir: str, *, tp: int, num_spec: int, state: str, kvbuffer: bool,
@@ -52,8 +73,6 @@ def measure(model_dir: str, *, tp: int, num_spec: int, state: str, kvbuffer: boo
     )
     from vllm.v1.kv_cache_interface import FullAttentionSpec, MambaSpec
 
-    from vllm_kvbuffer.model_executor.qwen3_next import KVBufferQwen3NextForCausalLM
-
     ea = EngineArgs(model=model_dir, skip_tokenizer_init=True, max_model_len=max_model_len,
                     dtype="bfloat16", enable_prefix_caching=False, tensor_parallel_size=tp,
                     mamba_ssm_cache_dtype=state,
@@ -66,7 +85,7 @@ def measure(model_dir: str, *, tp: int, num_spec: int, state: str, kvbuffer: boo
     Platform._align_hybrid_block_size(vc, CPUAttentionBackend)
     vc.cache_config.kv_cache_layout = "LBHNC"   # what the engine core resolves on this platform
     cc, mc, pc = vc.cache_config, vc.model_config, vc.parallel_config
-    model_cls = KVBufferQwen3NextForCausalLM          # stock behaviour when kvbuffer is unset
+    model_cls = _model_class(vc.model_config.architectures[0])
     mamba = MambaSpec(shapes=tuple(model_cls.get_mamba_state_shape_from_config(vc)),
                       dtypes=tuple(model_cls.get_mamba_state_dtype_from_config(vc)),
                       block_size=cc.mamba_block_size, page_size_padded=cc.mamba_page_size_padded,
@@ -87,6 +106,7 @@ def measure(model_dir: str, *, tp: int, num_spec: int, state: str, kvbuffer: boo
         int(torch.tensor(s).prod()) * torch.empty((), dtype=d).element_size()
         for s, d in zip(mamba.shapes, mamba.dtypes))
     return {
+        "architecture": vc.model_config.architectures[0],
         "tp": tp, "num_speculative_tokens": num_spec, "state_dtype": state,
         "kvbuffer": kvbuffer, "chunk_size": chunk_size if kvbuffer else None,
         "gdn_layers": n_gdn, "mamba_page_content_bytes": content,
@@ -109,24 +129,28 @@ def main() -> None:
 
     vllm.plugins.load_general_plugins()
     rows = []
-    with tempfile.TemporaryDirectory() as tmp:
-        model = _model_dir(pathlib.Path(tmp))
-        for tp in (1, 4):
-            for num_spec in (0, 4):
-                for state in ("float32", "bfloat16"):
-                    stock = measure(model, tp=tp, num_spec=num_spec, state=state, kvbuffer=False)
-                    kvb = measure(model, tp=tp, num_spec=num_spec, state=state, kvbuffer=True)
-                    rows.append({"stock": stock, "kvbuffer": kvb,
-                                 "bytes_ratio": stock["linear_bytes_per_request"]
-                                 / kvb["linear_bytes_per_request"],
-                                 "concurrency_ratio": kvb["max_concurrency"]
-                                 / stock["max_concurrency"]})
-    print("| TP | drafts | state | stock MiB/request | KVBuffer MiB/request (C=16) "
-          "| stock / KVBuffer | stock max concurrency | KVBuffer max concurrency |")
-    print("|---|---|---|---|---|---|---|---|")
+    for name in MODELS:
+        with tempfile.TemporaryDirectory() as tmp:
+            model = _model_dir(pathlib.Path(tmp), name)
+            for tp in (1, 4):
+                for num_spec in (0, 4):
+                    for state in ("float32", "bfloat16"):
+                        stock = measure(model, tp=tp, num_spec=num_spec, state=state,
+                                        kvbuffer=False)
+                        kvb = measure(model, tp=tp, num_spec=num_spec, state=state,
+                                      kvbuffer=True)
+                        rows.append({"model": name, "stock": stock, "kvbuffer": kvb,
+                                     "bytes_ratio": stock["linear_bytes_per_request"]
+                                     / kvb["linear_bytes_per_request"],
+                                     "concurrency_ratio": kvb["max_concurrency"]
+                                     / stock["max_concurrency"]})
+    print("| model | GDN layers | TP | drafts | state | stock MiB/request | KVBuffer MiB/request "
+          "(C=16) | stock / KVBuffer | stock max concurrency | KVBuffer max concurrency |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         s, k = r["stock"], r["kvbuffer"]
-        print(f"| {s['tp']} | {s['num_speculative_tokens']} | {s['state_dtype']} | "
+        print(f"| {r['model']} | {s['gdn_layers']} | {s['tp']} | {s['num_speculative_tokens']} "
+              f"| {s['state_dtype']} | "
               f"{s['linear_bytes_per_request'] / 2**20:.1f} | "
               f"{k['linear_bytes_per_request'] / 2**20:.1f} | {r['bytes_ratio']:.2f} | "
               f"{s['max_concurrency']:.1f} | {k['max_concurrency']:.1f} |")
