@@ -30,8 +30,14 @@ DIMS = [
 ]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-@pytest.mark.parametrize("d", DIMS, ids=lambda d: f"H{d.H}-HV{d.HV}-K{d.K}-V{d.V}-C{d.C}-D{d.D}")
+# fp32 on every shape; fp16 inputs (rounded on load, fp32 arithmetic: nothing shape-dependent)
+# on the two cheapest, which between them cover HV/H = 1 and 2, C = 1 and 4, flushes on every token.
+CASES = [(d, torch.float32) for d in DIMS] + [(DIMS[0], torch.float16), (DIMS[3], torch.float16)]
+
+
+@pytest.mark.parametrize("d,dtype", CASES, ids=lambda x: (
+    {torch.float32: "fp32", torch.float16: "fp16"}[x] if isinstance(x, torch.dtype)
+    else f"H{x.H}-HV{x.HV}-K{x.K}-V{x.V}-C{x.C}-D{x.D}"))
 def test_triton_random_interleavings(d, dtype):
     tol_o, tol_s = TOL[dtype]
     sc = Scenario(d, backend="triton", dtype=dtype, state_dtype=torch.float32, device=DEVICE,
