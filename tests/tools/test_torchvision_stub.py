@@ -55,12 +55,12 @@ def test_stand_in_is_found_without_a_real_torchvision():
 
 
 def test_dev_venv_installs_it_and_qwen3_5_imports():
-    """The development setup's .pth installs the finder in every interpreter of the venv, so
-    vLLM's Qwen3.5 module (qwen3_5 -> qwen3_vl -> transformers' Qwen2-VL image processor ->
-    torchvision) imports."""
+    """The development setup's .pth installs the finder in every interpreter of the venv, so the
+    module that made vLLM's Qwen3.5 unimportable (vLLM's qwen3_5 -> qwen3_vl -> transformers'
+    Qwen2-VL image processor -> torchvision) imports; tests/plugin/test_models.py runs Qwen3.5 in
+    the engine."""
     got = _python("""
 import json, sys
-import vllm.model_executor.models.qwen3_5
 from transformers.models.qwen2_vl import image_processing_qwen2_vl
 import torchvision
 from vllm_kvbuffer.tools.torchvision_stub import StubFinder
