@@ -30,8 +30,15 @@ lint: setup
 		vllm_kvbuffer tests benchmarks examples scripts; then \
 		echo "lint: give the reason after each '# noqa: CODE' above"; exit 1; fi
 
+# Two passes over the suite. First the tests that start no engine, on 2 pytest-xdist workers with
+# one thread each (tiny torch ops, numba compiles, the Triton interpreter: single-threaded work,
+# which on 2 cores runs twice as fast side by side); then the tests marked slow (vLLM engines,
+# servers, clusters: each uses every core), one at a time. Exit status 5 is pytest's "no tests
+# selected" (a PYTEST_ARGS path holding only one kind).
 test: setup lint
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile $(PYTEST_ARGS) \
+		|| [ $$? -eq 5 ]
+	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-kernels: setup
 	$(PY) -m pytest -q tests/kernels $(PYTEST_ARGS)

@@ -38,6 +38,7 @@ def ray_cluster():
         assert not leftover, f"Ray processes still alive after stop: {leftover}"
 
 
+@pytest.mark.slow
 def test_plugin_loads_in_ray_workers_with_env_settings(ray_cluster):
     """A plain Ray task on the cluster (a fresh Ray worker process) runs vLLM's general-plugin
     loader: the kvbuffer entry point registers the KVBuffer Qwen3-Next class there, and the
