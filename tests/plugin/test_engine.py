@@ -219,12 +219,13 @@ def _chunked_prefill_prompts():
 @pytest.fixture(scope="module")
 def greedy_cyclic(tiny_cyclic_mtp_fp32):
     """Non-speculative greedy tokens on the cyclic checkpoint (C = 4), one engine for every
-    speculative test of this module: ``SPEC_PROMPTS`` (320 tokens each), then the 8 prompts of
-    the chunked-prefill test (60 tokens each)."""
+    speculative test of this module: ``SPEC_PROMPTS`` (320 tokens each), the 8 prompts of the
+    chunked-prefill test (60 tokens each), then the 6 of the preemption test (120 tokens each)."""
     outs, _ = run_engine(dict(model=tiny_cyclic_mtp_fp32,
-                              prompts=SPEC_PROMPTS + _chunked_prefill_prompts(),
-                              max_tokens=[320] * len(SPEC_PROMPTS) + [60] * 8, max_num_seqs=8,
-                              additional_config={"kvbuffer": {"chunk_size": 4}}))
+                              prompts=SPEC_PROMPTS + _chunked_prefill_prompts()
+                              + _preemption_prompts(200),
+                              max_tokens=[320] * len(SPEC_PROMPTS) + [60] * 8 + [120] * 6,
+                              max_num_seqs=8, additional_config={"kvbuffer": {"chunk_size": 4}}))
     return outs
 
 
@@ -234,7 +235,7 @@ def test_speculative_decoding_with_chunked_prefill_and_concurrency(tiny_cyclic_m
     prefill chunks share batches with speculative rows, drafts get trimmed to the budget, and
     rows of a request move between steps. Tokens equal non-speculative greedy decoding; the
     kernels' value checks (pending tokens, accepted counts, capacity) stay on."""
-    greedy = greedy_cyclic[len(SPEC_PROMPTS):]
+    greedy = greedy_cyclic[len(SPEC_PROMPTS):len(SPEC_PROMPTS) + 8]
     outs, proc = run_engine(dict(model=tiny_cyclic_mtp_fp32, prompts=_chunked_prefill_prompts(),
                                  max_tokens=60, max_num_seqs=8, max_num_batched_tokens=16,
                                  metrics=True, additional_config={"kvbuffer": {"chunk_size": 4}},
@@ -320,16 +321,20 @@ def test_preemption_recompute_matches_alone(tiny_fp32, alone_fp32_c8):
         assert a["token_ids"] == b["token_ids"]
 
 
-def test_preemption_with_speculative_decoding_matches_alone(tiny_cyclic_mtp_fp32):
+def test_preemption_with_speculative_decoding_matches_greedy(tiny_cyclic_mtp_fp32,
+                                                             greedy_cyclic):
     """The same squeeze with MTP drafts: requests are preempted while they hold tentative
-    (verified, not yet accepted) tokens; recomputed, they get exactly their solo tokens."""
-    spec = dict(model=tiny_cyclic_mtp_fp32, prompts=_preemption_prompts(200), max_tokens=120,
-                max_model_len=512, additional_config={"kvbuffer": {"chunk_size": 8}})
-    tight, proc = run_engine(dict(spec, max_num_seqs=6, num_gpu_blocks_override=12, metrics=True,
+    (verified, not yet accepted) tokens; recomputed, they get exactly their non-speculative
+    greedy tokens."""
+    tight, proc = run_engine(dict(model=tiny_cyclic_mtp_fp32, prompts=_preemption_prompts(200),
+                                  max_tokens=120, max_model_len=512, max_num_seqs=6,
+                                  num_gpu_blocks_override=12, metrics=True,
+                                  additional_config={"kvbuffer": {"chunk_size": 4}},
                                   speculative_config={"method": "mtp",
                                                       "num_speculative_tokens": 3}))
-    alone, _ = run_engine(dict(spec, max_num_seqs=1))
+    greedy = greedy_cyclic[len(SPEC_PROMPTS) + 8:]
     m = proc.info["metrics"]
     assert m["vllm:num_preemptions"] >= 1, m
     assert 0 < m["vllm:spec_decode_num_accepted_tokens"] < m["vllm:spec_decode_num_draft_tokens"]
-    assert [a["token_ids"] for a in tight] == [b["token_ids"] for b in alone]
+    assert len(tight) == len(greedy) == 6
+    assert [a["token_ids"] for a in tight] == [b["token_ids"] for b in greedy]
