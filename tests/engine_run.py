@@ -182,17 +182,24 @@ def serve() -> None:
             _child(request)
         deadline = time.monotonic() + request["timeout"]
         timed_out = False
-        while True:
-            done, status, usage = os.wait4(pid, os.WNOHANG)
-            if done:
-                break
-            if time.monotonic() > deadline:
-                timed_out = True
-                with contextlib.suppress(ProcessLookupError):
-                    os.killpg(pid, signal.SIGKILL)
-                _, status, usage = os.wait4(pid, 0)
-                break
-            time.sleep(0.05)
+        try:
+            while True:
+                done, status, usage = os.wait4(pid, os.WNOHANG)
+                if done:
+                    break
+                if time.monotonic() > deadline:
+                    timed_out = True
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(pid, signal.SIGKILL)
+                    _, status, usage = os.wait4(pid, 0)
+                    break
+                time.sleep(0.05)
+        except BaseException:
+            # The launcher is interrupted (Ctrl-C reaches it with pytest): the engine's own
+            # process group would not get the signal, so end it here.
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(pid, signal.SIGKILL)
+            raise
         reply.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status),
                                 "timed_out": timed_out,
                                 "cpu_s": usage.ru_utime + usage.ru_stime}) + "\n")
