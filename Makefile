@@ -30,15 +30,17 @@ lint: setup
 		vllm_kvbuffer tests benchmarks examples scripts; then \
 		echo "lint: give the reason after each '# noqa: CODE' above"; exit 1; fi
 
-# Two passes over the suite. First the tests that start no engine, on 2 pytest-xdist workers with
-# one thread each (tiny torch ops, numba compiles, the Triton interpreter: single-threaded work,
-# which on 2 cores runs twice as fast side by side); then the tests marked slow (vLLM engines,
-# servers, clusters: each uses every core), one at a time. Exit status 5 is pytest's "no tests
-# selected" (a PYTEST_ARGS path holding only one kind).
+# Two passes over the suite, each on 2 pytest-xdist workers that take whole groups of tests
+# (a module, or the tests sharing a server or cluster: tests/conftest.py). First the tests that
+# start no engine; then those marked slow (vLLM engines, servers, clusters). One thread per
+# process (OMP_NUM_THREADS=1): the work is tiny ops, compiles, the Triton interpreter and
+# tiny-model engine steps, which on 2 cores run twice as fast side by side, and two OpenMP teams
+# on the same 2 cores would spin-wait on each other (the shared server keeps vLLM's own count).
+# Exit status 5 is pytest's "no tests selected" (a PYTEST_ARGS path holding only one kind).
+XDIST := -n 2 --dist loadgroup
 test: setup lint
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" -n 2 --dist loadfile $(PYTEST_ARGS) \
-		|| [ $$? -eq 5 ]
-	$(PY) -m pytest -q -m slow $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS) || [ $$? -eq 5 ]
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow $(XDIST) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 
 test-kernels: setup
 	$(PY) -m pytest -q tests/kernels $(PYTEST_ARGS)

@@ -1,13 +1,14 @@
 """Run one vLLM engine (in its own process) and print its outputs as JSON on the last line.
 
 Usage (from the repository root): python -m tests.engine_run '<json spec>'; tests call it through
-:func:`tests.utils.run_engine`. Spec keys: model, dtype, enforce_eager (default True), prompts (str
-or token-id lists), max_tokens (one for all, or a list with one per prompt), max_model_len,
+:func:`tests.utils.run_engine`. Spec keys: model, dtype, enforce_eager (default True), prompts (str,
+token-id lists, or ``{"prompt": str, "image": [height, width]}``: a text with one
+:func:`tiny_image`), max_tokens (one for all, or a list with one per prompt), max_model_len,
 max_num_seqs, max_num_batched_tokens, additional_config, enable_prefix_caching,
 speculative_config, prompt_logprobs, tensor_parallel_size, num_gpu_blocks_override,
-distributed_executor_backend, metrics (report vLLM's spec-decode, prefix-cache and preemption
-counters), abort ({"ids": prompt indices, "after_steps": n}: every request in
-flight at once in vLLM's streaming engine loop, those aborted after n steps).
+distributed_executor_backend, limit_mm_per_prompt, metrics (report vLLM's spec-decode,
+prefix-cache and preemption counters), abort ({"ids": prompt indices, "after_steps": n}: every
+request in flight at once in vLLM's streaming engine loop, those aborted after n steps).
 Tests start each engine in a fresh process: vLLM keeps process-global state (plugins, registry,
 distributed groups) that one engine per process keeps honest.
 
@@ -28,6 +29,25 @@ import sys
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
+def tiny_image(height: int, width: int):
+    """A deterministic random RGB image (PIL), for vision-language prompts."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def _prompt(p):
+    from vllm.inputs import TokensPrompt
+
+    if isinstance(p, list):
+        return TokensPrompt(prompt_token_ids=p)
+    if isinstance(p, dict):
+        return {"prompt": p["prompt"], "multi_modal_data": {"image": tiny_image(*p["image"])}}
+    return p
+
+
 def run(spec: dict) -> None:
     """Run the engine ``spec`` describes; print its outputs as the ``RESULT`` line."""
     from vllm_kvbuffer.tools.local_env import apply_local_env
@@ -36,7 +56,6 @@ def run(spec: dict) -> None:
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
 
     kwargs = dict(model=spec["model"], dtype=spec.get("dtype", "float32"),
                   enforce_eager=spec.get("enforce_eager", True),
@@ -46,12 +65,12 @@ def run(spec: dict) -> None:
     if spec.get("metrics"):
         kwargs["disable_log_stats"] = False
     for key in ("additional_config", "speculative_config", "max_num_batched_tokens",
-                "tensor_parallel_size", "num_gpu_blocks_override", "distributed_executor_backend"):
+                "tensor_parallel_size", "num_gpu_blocks_override", "distributed_executor_backend",
+                "limit_mm_per_prompt"):
         if spec.get(key) is not None:
             kwargs[key] = spec[key]
     llm = LLM(**kwargs)
-    prompts = [TokensPrompt(prompt_token_ids=p) if isinstance(p, list) else p
-               for p in spec["prompts"]]
+    prompts = [_prompt(p) for p in spec["prompts"]]
     max_tokens = spec.get("max_tokens", 16)
     per_prompt = max_tokens if isinstance(max_tokens, list) else [max_tokens] * len(prompts)
     params = [SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, logprobs=1,

@@ -114,6 +114,7 @@ def test_openai_client_against_vllm_serve(kvbuffer_server):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("ray")       # one Ray cluster at a time (tests/plugin/test_ray.py's)
 def test_ray_tp_serve_matches_tp1(greedy_fp32_c4, tmp_path):
     """examples/ray_tp_serve.py: a real ``vllm serve --tensor-parallel-size 2
     --distributed-executor-backend ray`` on a local Ray head the example starts (without the

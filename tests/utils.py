@@ -68,7 +68,9 @@ def make_cyclic_checkpoint(src: str, dst: pathlib.Path, *, layer_scale: float,
 
     if (dst / "model.safetensors").exists():
         return str(dst)
-    tmp = dst.with_suffix(".tmp")
+    # A private folder per builder, renamed into place: pytest-xdist workers may build the same
+    # variant at once, and the one that loses the rename uses the winner's identical files.
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
     sd = load_file(str(tmp / "model.safetensors"))
@@ -91,7 +93,12 @@ def make_cyclic_checkpoint(src: str, dst: pathlib.Path, *, layer_scale: float,
         if k.startswith("mtp.") and k.endswith(("o_proj.weight", "down_proj.weight")):
             sd[k] = sd[k] * 0.01
     save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    tmp.rename(dst)
+    try:
+        tmp.rename(dst)
+    except OSError:
+        if not (dst / "model.safetensors").exists():
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return str(dst)
 
 
@@ -114,20 +121,35 @@ class _EngineLauncher:
     child per engine (see tests/engine_run.py), so vLLM is imported once per session instead of
     once per engine. Stopped at interpreter exit."""
 
+    #: Variables read when they are used, not when a library loads: a child may set them
+    #: differently from the launcher. Any other difference (``OMP_NUM_THREADS``, ``LD_PRELOAD``,
+    #: ``NUMBA_*``, ...: read by libraries the launcher has loaded) gets a plain subprocess.
+    LATE_READ_PREFIXES = ("VLLM_", "RAY_")
+
     def __init__(self):
         self.proc: subprocess.Popen | None = None
+        self.env: dict[str, str] = {}
         self.folder = ROOT / ".cache" / "tmp" / f"engines-{os.getpid()}"
 
     def _start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.env = dict(os.environ)
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.engine_run", "--serve"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=open(self.folder / "launcher.log", "w"), text=True,
-                                     cwd=str(ROOT), env=dict(os.environ))
+                                     cwd=str(ROOT), env=self.env)
+
+    def forkable(self, env: dict) -> bool:
+        changed = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
+        return all(k.startswith(self.LATE_READ_PREFIXES) for k in changed)
 
     def run(self, spec: dict, env: dict, timeout: int) -> subprocess.CompletedProcess:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
+        if not self.forkable(env):
+            return subprocess.run([sys.executable, "-m", "tests.engine_run", json.dumps(spec)],
+                                  capture_output=True, text=True, timeout=timeout, env=env,
+                                  cwd=str(ROOT))
         name = uuid.uuid4().hex[:8]
         out, err = self.folder / f"{name}.out", self.folder / f"{name}.err"
         request = {"spec": spec, "env": env, "cwd": str(ROOT), "stdout": str(out),
@@ -203,7 +225,8 @@ def assert_same_greedy(got: list[dict], ref: list[dict], *, logprob_tol: float |
 def vllm_server(argv: list[str], *, log_path: pathlib.Path, env: dict | None = None,
                 timeout: float = 240, launcher: list[str] | None = None):
     """Run ``vllm serve <argv> --host 127.0.0.1 --port P`` (``launcher`` replaces ``[vllm]``,
-    e.g. ``[python, -m, module]``); wait for ``/health``; yield ``http://127.0.0.1:P``.
+    e.g. ``[python, -m, module]``; ``env`` adds variables, or removes those given as None); wait
+    for ``/health``; yield ``http://127.0.0.1:P``.
 
     The server gets its own process group; SIGINT at the end, SIGKILL if it does not stop within
     a minute. Its output goes to ``log_path`` (the tail is in the failure message if it dies).
@@ -211,9 +234,14 @@ def vllm_server(argv: list[str], *, log_path: pathlib.Path, env: dict | None = N
     port = free_port()
     log = open(log_path, "w+")
     cmd = [*(launcher or [VLLM]), "serve", *argv, "--host", "127.0.0.1", "--port", str(port)]
+    server_env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1")
+    for key, value in (env or {}).items():     # a value of None removes a variable
+        if value is None:
+            server_env.pop(key, None)
+        else:
+            server_env[key] = value
     server = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT),
-                              start_new_session=True,
-                              env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", **(env or {})))
+                              start_new_session=True, env=server_env)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + timeout

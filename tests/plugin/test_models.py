@@ -12,7 +12,7 @@ shared through module fixtures:
   drafts) on a cyclic variant of the checkpoint (``tests.utils.make_cyclic_checkpoint``), where
   drafts are partly accepted and partly rejected;
 - Qwen3_5ForConditionalGeneration: a text prompt and an image prompt in one engine
-  (``tests/plugin/vl_engine.py``).
+  (``tests.engine_run``'s image prompts).
 
 Stated bound: every generated token is HF's argmax given the same prefix (teacher-forced on the
 engine's own text), or within 1e-3 logprob of it (HF's own margin: a near-tie), and its logprob is
@@ -20,16 +20,13 @@ within 1e-4 of HF's. Teacher forcing checks every position, also past a near-tie
 """
 
 import json
-import os
 import pathlib
 import re
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.utils import MODELS, ROOT, make_cyclic_checkpoint, run_engine
+from tests.utils import MODELS, make_cyclic_checkpoint, run_engine
 
 pytestmark = pytest.mark.slow
 
@@ -156,6 +153,11 @@ def test_speculative_decoding_matches_greedy(family_name, method):
     HFReference(path).check(outs, what=f"{family_name} {method}")
 
 
+VL_TEXT_PROMPT = "Hello world, the quick brown fox"
+VL_IMAGE_PROMPT = "<|vision_start|><|image_pad|><|vision_end|>Describe the picture:"
+VL_IMAGE = [64, 96]     # height, width: 4 x 6 patches of 16 pixels, 2 x 3 merged tokens
+
+
 def test_vision_language_class_text_and_image_prompts():
     """Qwen3_5ForConditionalGeneration (its language model's GDN layers promoted): a text prompt
     and an image prompt (2 x 3 merged patches through the tiny vision tower), in one engine with
@@ -163,19 +165,17 @@ def test_vision_language_class_text_and_image_prompts():
     processor outputs."""
     from transformers import AutoProcessor
 
-    from tests.plugin.vl_engine import IMAGE_PROMPT, tiny_image
+    from tests.engine_run import tiny_image
 
     path = checkpoint("qwen3_5_vl")
-    spec = {"model": path, "max_tokens": 48, "additional_config": KVB}
-    proc = subprocess.run([sys.executable, "-m", "tests.plugin.vl_engine", json.dumps(spec)],
-                          capture_output=True, text=True, timeout=600, cwd=str(ROOT),
-                          env=dict(os.environ))
-    assert proc.returncode == 0, proc.stderr[-4000:] + proc.stdout[-2000:]
+    (text, image), proc = run_engine(dict(
+        model=path, prompts=[VL_TEXT_PROMPT, {"prompt": VL_IMAGE_PROMPT, "image": VL_IMAGE}],
+        max_tokens=48, max_num_seqs=2, enable_prefix_caching=True, additional_config=KVB,
+        limit_mm_per_prompt={"image": 1, "video": 0}))
     assert (f"KVBuffer active: chunk_size=4, backend=auto, {GDN_LAYERS} GDN layers on this rank"
             in proc.stdout + proc.stderr)
-    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
-    text, image = json.loads(line[len("RESULT "):])["outputs"]
-    enc = AutoProcessor.from_pretrained(path)(text=[IMAGE_PROMPT], images=[tiny_image()],
+    enc = AutoProcessor.from_pretrained(path)(text=[VL_IMAGE_PROMPT],
+                                              images=[tiny_image(*VL_IMAGE)],
                                               return_tensors="pt")
     assert image["prompt_token_ids"] == enc["input_ids"][0].tolist()
     assert (enc["image_grid_thw"].tolist() == [[1, 4, 6]]
