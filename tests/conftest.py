@@ -23,9 +23,38 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
-#: Fixtures that start something (a server, a cluster) every test using them must share: their
-#: tests form one pytest-xdist group, whatever module they are in.
+#: Session fixtures that start something (a server, a cluster) every test using them must share:
+#: their tests form one pytest-xdist group, whatever module they are in. (Other session fixtures
+#: are files on disk, or run once per run through :func:`once_per_run`.)
 SHARED_STARTS = {"kvbuffer_server": "kvbuffer_server", "ray_cluster": "ray"}
+
+
+def _xdist_groups(items) -> dict[str, str]:
+    """nodeid -> group: tests connected through a module- or class-scoped fixture, a
+    :data:`SHARED_STARTS` fixture or an ``xdist_group`` marker are one group (union-find); any
+    other test is a group of its own."""
+    parent: dict[str, str] = {}
+
+    def find(x: str) -> str:
+        while parent.setdefault(x, x) != x:
+            parent[x] = parent[parent[x]]
+            x = parent[x]
+        return x
+
+    for item in items:
+        keys = [f"{item.module.__name__}::{name}"
+                for name, defs in item._fixtureinfo.name2fixturedefs.items()
+                if defs and defs[-1].scope in ("module", "class", "package")]
+        keys += [SHARED_STARTS[name] for name in item.fixturenames if name in SHARED_STARTS]
+        marker = item.get_closest_marker("xdist_group")
+        if marker is not None:
+            keys.append(marker.args[0] if marker.args else marker.kwargs["name"])
+        for key in keys:
+            parent[find(key)] = find(item.nodeid)
+    # Short names (xdist appends "@<group>" to each test id), the same on every worker.
+    names: dict[str, str] = {}
+    return {item.nodeid: names.setdefault(find(item.nodeid), f"g{len(names)}")
+            for item in items}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -33,14 +62,14 @@ def pytest_collection_modifyitems(config, items):
     reason, where no CUDA device is present.
 
     ``make test`` runs on 2 pytest-xdist workers with ``--dist loadgroup``: a worker takes whole
-    groups. Each test's group is its module (module fixtures are built once), or the group of the
-    shared start-up fixture it uses (:data:`SHARED_STARTS`), or its own ``xdist_group`` marker.
+    groups, so that every module fixture, server and cluster is started once
+    (:func:`_xdist_groups`), and the rest spreads over both workers test by test.
     """
+    groups = _xdist_groups(items)
     for item in items:
-        if item.get_closest_marker("xdist_group") is None:
-            group = next((g for f, g in SHARED_STARTS.items() if f in item.fixturenames),
-                         item.module.__name__)
-            item.add_marker(pytest.mark.xdist_group(group))
+        # xdist joins every xdist_group name a test carries: keep only the merged group's.
+        item.own_markers = [m for m in item.own_markers if m.name != "xdist_group"]
+        item.add_marker(pytest.mark.xdist_group(groups[item.nodeid]))
         marker = item.get_closest_marker("gpu")
         if marker is not None and not torch.cuda.is_available():
             item.add_marker(pytest.mark.skip(reason=marker.kwargs.get("reason",
@@ -103,16 +132,22 @@ def greedy_fp32_c4(tiny_fp32, tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def kvbuffer_server(tiny_fp32, tmp_path_factory):
-    """One real ``vllm serve`` of the tiny float32 checkpoint with ``--load-plugin kvbuffer
+def tiny_qwen3_5_fp32() -> str:
+    return utils.family_checkpoint("qwen3_5")
+
+
+@pytest.fixture(scope="session")
+def kvbuffer_server(tiny_qwen3_5_fp32, tmp_path_factory):
+    """One real ``vllm serve`` of the tiny float32 Qwen3.5 (``Qwen3_5ForCausalLM``; Qwen3-Next is
+    served over Ray by examples/ray_tp_serve.py) with ``--load-plugin kvbuffer
     --kvbuffer-chunk-size 8`` and vLLM's defaults otherwise (prefix caching on, multiprocess
     engine), shared by every test that talks to it (tests/plugin/test_cli.py,
     tests/test_examples.py). ``.base``: the server root URL; ``.log_path``: its log."""
     log_path = tmp_path_factory.mktemp("kvbuffer-server") / "server.log"
     # vLLM's own thread count (OMP_NUM_THREADS unset, which make test sets to 1 for its other
     # engines): this server runs the KVBuffer kernels on every core of the machine.
-    with utils.vllm_server([tiny_fp32, "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", "8",
-                            "--dtype", "float32", "--enforce-eager", "--max-model-len", "512",
-                            "--served-model-name", "tiny"], log_path=log_path,
-                           env={"OMP_NUM_THREADS": None}) as base:
+    with utils.vllm_server([tiny_qwen3_5_fp32, "--load-plugin", "kvbuffer",
+                            "--kvbuffer-chunk-size", "8", "--dtype", "float32", "--enforce-eager",
+                            "--max-model-len", "512", "--served-model-name", "tiny"],
+                           log_path=log_path, env={"OMP_NUM_THREADS": None}) as base:
         yield types.SimpleNamespace(base=base, log_path=log_path)

@@ -54,6 +54,26 @@ def tiny_checkpoint(dtype: str = "float32", *, mtp: bool = False) -> str:
     return str(build_tiny_qwen3_next(MODELS / name, dtype=dtype, mtp=mtp))
 
 
+#: The other GDN families (tests/plugin/test_models.py): family -> the tiny checkpoint's builder
+#: fields, its architecture name. ``qwen3_5_vl``: the Qwen3.5 vision-language class.
+FAMILIES = {
+    "qwen3_5": (dict(arch="qwen3_5", mtp=True), "Qwen3_5ForCausalLM"),
+    "qwen3_5_moe": (dict(arch="qwen3_5_moe", mtp=True), "Qwen3_5MoeForCausalLM"),
+    "olmo_hybrid": (dict(arch="olmo_hybrid", neg_eigval=True), "OlmoHybridForCausalLM"),
+}
+VL_FIELDS = dict(arch="qwen3_5", vision=True)
+
+
+def family_checkpoint(family: str) -> str:
+    """The tiny float32 checkpoint of a :data:`FAMILIES` family (or ``qwen3_5_vl``), built once
+    under ``.cache/models``."""
+    from vllm_kvbuffer.tools.tiny_checkpoint import build_tiny_checkpoint
+
+    fields = VL_FIELDS if family == "qwen3_5_vl" else FAMILIES[family][0]
+    return str(build_tiny_checkpoint(MODELS / f"tiny-{family.replace('_', '-')}-fp32",
+                                     dtype="float32", **fields))
+
+
 def make_cyclic_checkpoint(src: str, dst: pathlib.Path, *, layer_scale: float,
                            period: int = 5) -> str:
     """A variant of a tiny checkpoint whose greedy text mostly cycles through groups of

@@ -58,8 +58,8 @@ CPU_RAY_DEVICE_KEY = "GPU"
 PLUGIN_NAME = "kvbuffer"
 _MARK = "_kvbuffer_patch"
 GROUP_DESCRIPTION = (
-    "KVBuffer linear-attention cache for Qwen3-Next (vllm-kvbuffer): --load-plugin kvbuffer, "
-    "--kvbuffer-chunk-size, --kvbuffer-backend.")
+    "KVBuffer linear-attention cache for Gated DeltaNet models (vllm-kvbuffer): --load-plugin "
+    "kvbuffer, --kvbuffer-chunk-size, --kvbuffer-backend.")
 
 
 def _positive_int(text: str) -> int:

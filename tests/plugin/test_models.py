@@ -26,17 +26,11 @@ import re
 import pytest
 import torch
 
-from tests.utils import MODELS, make_cyclic_checkpoint, run_engine
+from tests.utils import FAMILIES, MODELS, make_cyclic_checkpoint, run_engine
+from tests.utils import family_checkpoint as checkpoint
 
 pytestmark = pytest.mark.slow
 
-#: family -> the tiny checkpoint's builder fields; its architecture name; its GDN layer count.
-FAMILIES = {
-    "qwen3_5": (dict(arch="qwen3_5", mtp=True), "Qwen3_5ForCausalLM"),
-    "qwen3_5_moe": (dict(arch="qwen3_5_moe", mtp=True), "Qwen3_5MoeForCausalLM"),
-    "olmo_hybrid": (dict(arch="olmo_hybrid", neg_eigval=True), "OlmoHybridForCausalLM"),
-}
-VL_FIELDS = dict(arch="qwen3_5", vision=True)
 GDN_LAYERS = 3          # the builder's default: 4 layers, every 4th full attention
 MARGIN = 1e-3           # HF's own top-1 margin below which a different token is a tie
 LOGPROB_TOL = 1e-4
@@ -49,14 +43,6 @@ SPEC_PROMPTS = ["a b c d a b c d a b c d a b",
 # The cyclic variants' layer scale, chosen where HF greedy text follows the cycle 60-70% of the
 # time (measured on SPEC_PROMPTS): drafts partly accepted, partly rejected (checked below).
 CYCLIC_SCALE = {"qwen3_5": 2.0, "qwen3_5_moe": 3.0, "olmo_hybrid": 2.0}
-
-
-def checkpoint(family: str) -> str:
-    from vllm_kvbuffer.tools.tiny_checkpoint import build_tiny_checkpoint
-
-    fields = VL_FIELDS if family == "qwen3_5_vl" else FAMILIES[family][0]
-    return str(build_tiny_checkpoint(MODELS / f"tiny-{family.replace('_', '-')}-fp32",
-                                     dtype="float32", **fields))
 
 
 def cyclic_checkpoint(family: str) -> str:
