@@ -57,6 +57,7 @@ def _xdist_groups(items) -> dict[str, str]:
             for item in items}
 
 
+@pytest.hookimpl(tryfirst=True)   # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` (``pytest.mark.gpu(reason=...)``) are skipped, with the marker's
     reason, where no CUDA device is present.
