@@ -156,13 +156,15 @@ def test_vision_language_class_text_and_image_prompts():
     path = checkpoint("qwen3_5_vl")
     (text, image), proc = run_engine(dict(
         model=path, prompts=[VL_TEXT_PROMPT, {"prompt": VL_IMAGE_PROMPT, "image": VL_IMAGE}],
-        max_tokens=48, max_num_seqs=2, enable_prefix_caching=True, additional_config=KVB,
+        max_tokens=GREEDY_TOKENS, max_num_seqs=2, enable_prefix_caching=True,
+        additional_config=KVB,
         limit_mm_per_prompt={"image": 1, "video": 0}))
     assert (f"KVBuffer active: chunk_size=4, backend=auto, {GDN_LAYERS} GDN layers on this rank"
             in proc.stdout + proc.stderr)
     enc = AutoProcessor.from_pretrained(path)(text=[VL_IMAGE_PROMPT],
                                               images=[tiny_image(*VL_IMAGE)],
                                               return_tensors="pt")
+    assert len(text["token_ids"]) == len(image["token_ids"]) == GREEDY_TOKENS
     assert image["prompt_token_ids"] == enc["input_ids"][0].tolist()
     assert (enc["image_grid_thw"].tolist() == [[1, 4, 6]]
             and image["prompt_token_ids"].count(enc["input_ids"][0, 1].item()) == 6)
