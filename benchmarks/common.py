@@ -208,8 +208,10 @@ def header(name: str, device: str, smoke: bool, preset: dict) -> dict:
 
 
 def save(result: dict, out: pathlib.Path) -> None:
+    """Write ``result`` as JSON; paths inside the checkout are written as ``<repo>/...`` (results
+    are committed and name no machine's folders)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1, default=str))
+    out.write_text(json.dumps(result, indent=1, default=str).replace(str(ROOT), "<repo>"))
 
 
 def default_out(name: str, device: str) -> pathlib.Path:
