@@ -54,19 +54,6 @@ from _common import ROOT, prepare_environment, resolve_model
 PROMPTS = ["Hello world, the quick brown fox", "Once upon a time there was a tiny model"]
 
 
-def _free_ports(n: int) -> list[int]:
-    import socket
-
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in socks]
-    finally:
-        for s in socks:
-            s.close()
-
-
 def _stop(proc: subprocess.Popen, sig: int, timeout: float) -> None:
     """Signal a process started with its own session (its whole group), then kill it if it is
     still there after ``timeout`` seconds."""
@@ -86,7 +73,9 @@ def local_ray_head(num_cpus: int = 2, num_gpus: int = 2):
     """``ray start --head --block`` as a child process; SIGTERM to it ends that node's processes
     (``ray stop`` would end every Ray process on the machine)."""
     ray = str(pathlib.Path(sys.executable).with_name("ray"))
-    port, dashboard_port, agent_port, client_port = _free_ports(4)
+    from vllm.utils.network_utils import get_open_ports_list
+
+    port, dashboard_port, agent_port, client_port = get_open_ports_list(4)
     temp = ROOT / ".cache" / f"ray-{uuid.uuid4().hex[:8]}"
     temp.mkdir(parents=True)
     print(f"[ray head] temp dir {temp}", flush=True)
@@ -125,7 +114,9 @@ def ray_server(model: str, address: str, chunk_size: int, log_path: pathlib.Path
     """``vllm serve MODEL --load-plugin kvbuffer --tensor-parallel-size 2
     --distributed-executor-backend ray`` on 127.0.0.1 over the cluster at ``address``; yields
     the server's root URL once ``/health`` answers."""
-    (port,) = _free_ports(1)
+    from vllm.utils.network_utils import get_open_port
+
+    port = get_open_port()
     launcher = ([sys.executable, "-m", "vllm_kvbuffer.tools.ray_cpu"] if on_cpu
                 else [str(pathlib.Path(sys.executable).with_name("vllm"))])
     argv = [model, "--load-plugin", "kvbuffer", "--kvbuffer-chunk-size", str(chunk_size),
