@@ -9,6 +9,7 @@ export VLLM_CACHE_ROOT := $(KVB_CACHE)/vllm
 export TRITON_CACHE_DIR := $(KVB_CACHE)/triton
 export TORCHINDUCTOR_CACHE_DIR := $(KVB_CACHE)/inductor
 export NUMBA_CACHE_DIR := $(KVB_CACHE)/numba
+export TORCH_EXTENSIONS_DIR := $(KVB_CACHE)/torch_extensions
 export XDG_CACHE_HOME := $(KVB_CACHE)/xdg
 export HF_HOME := $(KVB_CACHE)/hf
 export HF_HUB_OFFLINE := 1

