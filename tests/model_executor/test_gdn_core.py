@@ -27,9 +27,9 @@ from vllm_kvbuffer.model_executor import gdn_core
 H, HV, K, V, W, C, D = 2, 4, 8, 6, 4, 4, 3
 DC = 2 * H * K + HV * V
 S = 10
-# tolerance per (backend, dtype): float64 torch is exact up to rounding; the interpreted Triton
-# kernels compute in fp32.
-TOL = {"torch": 1e-10, "triton": 2e-4}
+# tolerance per (backend, dtype): float64 torch and the native CPU backend (its conv and gates
+# included) are exact up to rounding; the interpreted Triton kernels compute in fp32.
+TOL = {"torch": 1e-10, "cpu": 1e-10, "triton": 2e-4}
 
 
 def make_params(dtype, backend, gen):
@@ -204,9 +204,23 @@ def _scenario(h: Harness) -> None:
     assert min(committed.values()) >= 2 * C, committed              # several flushes each
 
 
-@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("triton", torch.float32)])
-def test_core_matches_float64_pipeline(backend, dtype):
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("cpu", torch.float64),
+                                           ("triton", torch.float32)])
+def test_core_matches_float64_pipeline(backend, dtype, monkeypatch):
+    native = []
+    if backend == "cpu":
+        # The CPU backend's decode and uniform-verify rows run conv, window update and gates in
+        # one native call (cpu_impl.conv_gates): count them so a silent fallback fails the test.
+        from vllm_kvbuffer.kernels import cpu_impl
+        real = cpu_impl.conv_gates
+
+        def counted(*args, **kw):
+            native.append(args[8])                      # T: tokens per row
+            return real(*args, **kw)
+        monkeypatch.setattr(cpu_impl, "conv_gates", counted)
     _scenario(Harness(backend, dtype))
+    if backend == "cpu":
+        assert 1 in native and any(t > 1 for t in native), native
 
 
 class HostSyncDetector(TorchDispatchMode):

@@ -31,7 +31,7 @@ from .cache import KVBufferCache
 from .validation import check
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
-CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast"]
+CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
 
 _EXT = None
 _LOCK = threading.Lock()
@@ -167,3 +167,31 @@ def loaded_openmp_runtimes() -> list[str]:
     except OSError:
         return []
 
+
+
+def conv_gates_supported(weight: torch.Tensor, bias, conv_state: torch.Tensor, x: torch.Tensor,
+                         a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether :func:`conv_gates` takes these tensors (one dtype for all of them, as vLLM's layer
+    allocates them); otherwise the layer runs the same steps as torch ops."""
+    dt = x.dtype
+    return (all(t.dtype == dt for t in (weight, conv_state, a, b))
+            and (bias is None or bias.dtype == dt) and weight.dim() == 2 and a.dim() == 2)
+
+
+def conv_gates(conv_state, meta, meta_col: int, weight, bias, silu: bool, blocks, x, T: int,
+               keep_from: int, meta_value: int, A_log, dt_bias, a, b, beta_scale: float):
+    """The layer's causal conv over each row's committed window and ``T`` new inputs, the
+    window update and the gates, in one call (see ``conv_gates`` in ``csrc/cpu_kernels.cpp``).
+
+    Returns ``y [N*T, Dc]`` in x's dtype and ``g, beta [N*T, HV]`` in fp32 (float64 for float64
+    inputs), as the torch path computes them."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    n = blocks.shape[0] * T
+    y = torch.empty(n, weight.shape[0], dtype=x.dtype)
+    g = torch.empty(n, a.shape[1], dtype=acc)
+    beta = torch.empty(n, a.shape[1], dtype=acc)
+    empty = bias if bias is not None else _NO_CU
+    extension().conv_gates(conv_state, meta, meta_col, weight, empty, silu, blocks, x, T,
+                           keep_from, meta_value, A_log, dt_bias, a, b, float(beta_scale), y,
+                           g, beta)
+    return y, g, beta

@@ -68,14 +68,20 @@ def _acc(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def qkv_gates(p: GDNParams, y: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
-    """Split the conv output ``y [T, D]`` into q, k, v and compute the gates (in fp32 as the
-    stock path computes them; float64 for float64 inputs)."""
+def split_qkv(p: GDNParams, y: torch.Tensor):
+    """Views of the conv output ``y [T, D]``: q, k ``[T, H, K]`` and v ``[T, HV, V]``."""
     n = y.shape[0]
     kd, vd = p.num_k_heads * p.head_k_dim, p.num_v_heads * p.head_v_dim
     q = y[:, :kd].reshape(n, p.num_k_heads, p.head_k_dim)
     k = y[:, kd:2 * kd].reshape(n, p.num_k_heads, p.head_k_dim)
     v = y[:, 2 * kd:2 * kd + vd].reshape(n, p.num_v_heads, p.head_v_dim)
+    return q, k, v
+
+
+def qkv_gates(p: GDNParams, y: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
+    """Split the conv output ``y [T, D]`` into q, k, v and compute the gates (in fp32 as the
+    stock path computes them; float64 for float64 inputs)."""
+    q, k, v = split_qkv(p, y)
     f = _acc(a.dtype)
     g = -torch.exp(p.A_log.to(f)) * F.softplus(a.to(f) + p.dt_bias.to(f))
     beta = torch.sigmoid(b.to(f))
@@ -115,6 +121,24 @@ def _conv_uniform(full: torch.Tensor, p: GDNParams, T: int) -> torch.Tensor:
     return _activate(y, p.activation)
 
 
+def _native_conv_gates(p: GDNParams, conv_state, x, b, a) -> bool:
+    """The CPU backend does conv, window update and gates in one native call."""
+    if p.backend != "cpu" or x.device.type != "cpu":
+        return False
+    from ..kernels import cpu_impl
+    return cpu_impl.conv_gates_supported(p.conv_weight, p.conv_bias, conv_state, x, a, b)
+
+
+def _conv_gates_native(cache: KVBufferCache, conv_state, p: GDNParams, blocks, x, b, a, T: int,
+                       keep_from: int, meta_value: int):
+    from ..kernels import cpu_impl
+    y, g, beta = cpu_impl.conv_gates(
+        conv_state, cache.meta, META_CONV, p.conv_weight, p.conv_bias,
+        p.activation in ("silu", "swish"), blocks, x, T, keep_from, meta_value, p.A_log,
+        p.dt_bias, a, b, p.beta_scale)
+    return (*split_qkv(p, y), g, beta)
+
+
 def _masked_row_write(dst: torch.Tensor, rows: torch.Tensor, valid: torch.Tensor,
                       value: torch.Tensor) -> None:
     """``dst[rows] = value`` where ``valid``; padding rows (pointing at the null block) write that
@@ -137,6 +161,10 @@ def decode_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
     """
     N, W = x.shape[0], p.width
     slots = block_slots(blocks)
+    if _native_conv_gates(p, conv_state, x, b, a):
+        q, k, v, g, beta = _conv_gates_native(cache, conv_state, p, blocks, x, b, a, 1, 1, 0)
+        with kernels.set_value_checks(False):
+            return kernels.decode(cache, slots, q, k, v, g, beta, backend=p.backend)
     valid = slots >= 0
     slots_c = slots.clamp(min=0).long()
     full = torch.cat([_gather_windows(conv_state, cache.meta, slots_c, valid, W),
@@ -187,6 +215,14 @@ def spec_rows_uniform(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNPara
     valid = slots >= 0
     slots_c = slots.clamp(min=0).long()
     accept_pending(cache, slots, num_accepted[:N], p.backend)
+    if _native_conv_gates(p, conv_state, x, b, a):
+        drop = max(0, W - 1 + T - conv_state.shape[1])
+        q, k, v, g, beta = _conv_gates_native(cache, conv_state, p, blocks, x, b, a, T, drop,
+                                              -(drop + 1))
+        with kernels.set_value_checks(False):
+            o = kernels.verify(cache, slots, *(t.reshape(N, T, *t.shape[1:])
+                                               for t in (q, k, v, g, beta)), backend=p.backend)
+        return o.reshape(N * T, *o.shape[2:])
     window = _gather_windows(conv_state, cache.meta, slots_c, valid, W)
     full = torch.cat([window, x.to(window.dtype).reshape(N, T, -1)], dim=1)  # [N, W-1+T, Dc]
     y = _conv_uniform(full, p, T).reshape(N * T, -1).to(x.dtype)

@@ -60,15 +60,12 @@ inline double to_acc(double x) { return x; }
 // Stores round to nearest even, as torch's .to(dtype); a float64 value meant for a 16-bit type
 // goes through fp32 first, as torch's conversion does.
 inline void store(bf16* p, double x) {
-  float f = float(x);
+  const float f = float(x);
   uint32_t b;
   std::memcpy(&b, &f, 4);
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) {
-    p->bits = 0x7FC0;  // NaN stays a (quiet) NaN
-    return;
-  }
-  b += 0x7FFFu + ((b >> 16) & 1u);
-  p->bits = uint16_t(b >> 16);
+  const uint32_t rounded = (b + 0x7FFFu + ((b >> 16) & 1u)) >> 16;
+  // NaN stays a (quiet) NaN; a select, not a branch, so that loops of stores vectorise.
+  p->bits = uint16_t((b & 0x7FFFFFFFu) > 0x7F800000u ? 0x7FC0u : rounded);
 }
 inline void store(_Float16* p, double x) { *p = _Float16(float(x)); }
 inline void store(float* p, double x) { *p = float(x); }
@@ -625,6 +622,173 @@ void materialize_impl(const at::Tensor& state, const at::Tensor& bk, const at::T
   fold_impl<TI, TS, A>(P, slots, lengths, l2, ptr<A>(out), st, false);
 }
 
+// exp in a form the compiler vectorises (the conv's SiLU runs it on every channel): range
+// reduction by ln 2 and a degree-6 polynomial on [-ln2/2, ln2/2], within 2 ulp of expf
+// (tests/kernels/test_cpu_kernels.py); NaN propagates. float64 keeps the library's exp (the exactness tests run there).
+inline float exp_vec(float x) {
+  const float xc = std::min(std::max(x, -87.3f), 88.3f);
+  // n = round(xc / ln 2) by the 1.5 * 2^23 trick (exact for |v| < 2^22; a floor() call would
+  // keep GCC from vectorising the loop without -ffast-math).
+  const float n = (xc * 1.44269504088896341f + 12582912.0f) - 12582912.0f;
+  const float r = (xc - n * 0.693359375f) - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + r + 1.0f;
+  const int32_t e = (int32_t(n) + 127) << 23;
+  const float two_n = __builtin_bit_cast(float, e);
+  const float res = p * two_n;
+  return x != x ? x : res;
+}
+inline double exp_vec(double x) { return std::exp(x); }
+
+// -- the layer's causal conv and gates for rows of T tokens (decode: T = 1; uniform verify) ------
+// Row n continues slot blocks[n] (block <= 0: padding, vLLM's null block; its outputs are
+// computed from slot 0's window and never used, nothing is written). Its committed conv window
+// is the W-1 columns of conv[slot] from the offset in meta[slot, META_CONV]; the inputs are
+// full = [window, x_0 .. x_{T-1}], y_t = act(sum_w full[t + w] weight[:, w] + bias) rounded to
+// x's dtype. The window written back is full[keep_from:] at column 0 and meta[slot, META_CONV]
+// becomes meta_value (decode: keep_from = 1, 0; verify: keep_from = drop, -(drop + 1)).
+// Gates: g = -exp(A_log) softplus(a + dt_bias), beta = beta_scale sigmoid(b), in A.
+template <typename T, typename A>
+void conv_gates_impl(const at::Tensor& conv, const at::Tensor& meta, int64_t meta_col,
+                     const at::Tensor& weight, const at::Tensor& bias, bool silu,
+                     const at::Tensor& blocks_t, const at::Tensor& x, int64_t Tn,
+                     int64_t keep_from, int64_t meta_value, const at::Tensor& A_log_t,
+                     const at::Tensor& dt_bias_t, const at::Tensor& a, const at::Tensor& b,
+                     double beta_scale, const at::Tensor& y, const at::Tensor& g,
+                     const at::Tensor& beta) {
+  const std::vector<int64_t> blocks = as_i64(blocks_t);
+  const int64_t N = int64_t(blocks.size()), W = weight.size(1), Dc = weight.size(0);
+  const int64_t cap = conv.size(1), HV = a.size(1);
+  T* cs = ptr<T>(conv);
+  const int64_t c0 = conv.stride(0), c1 = conv.stride(1), c2 = conv.stride(2);
+  int32_t* mt = ptr<int32_t>(meta);
+  const int64_t m0 = meta.stride(0), m1 = meta.stride(1);
+  const T* wt = ptr<T>(weight);
+  const int64_t w0 = weight.stride(0), w1 = weight.stride(1);
+  const T* bs = bias.numel() ? ptr<T>(bias) : nullptr;
+  const int64_t bst = bias.numel() ? bias.stride(0) : 0;
+  const T* xp = ptr<T>(x);
+  const int64_t x0 = x.stride(0), x1 = x.stride(1);
+  T* yp = ptr<T>(y);
+  const at::Tensor Al = A_log_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const at::Tensor dt = dt_bias_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
+  const A* alp = Al.data_ptr<A>();
+  const A* dtp = dt.data_ptr<A>();
+  const T* ap = ptr<T>(a);
+  const T* bp = ptr<T>(b);
+  A* gp = ptr<A>(g);
+  A* bt = ptr<A>(beta);
+  const int64_t full_len = W - 1 + Tn, kept = full_len - keep_from;
+  // Fast path: channels contiguous in the conv state and in x (vLLM's default "SD" layout).
+  const bool fast = c2 == 1 && x1 == 1;
+  std::vector<A> wT(fast ? W * Dc : 0);  // taps-major fp32 copy of the weights
+  for (int64_t w = 0; w < (fast ? W : 0); ++w)
+    for (int64_t c = 0; c < Dc; ++c) wT[w * Dc + c] = A(to_acc(wt[c * w0 + w * w1]));
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Dc));
+  at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
+    std::vector<A> full(std::max(full_len, fast ? Dc : int64_t(0)));
+    for (int64_t n = lo; n < hi; ++n) {
+      const int64_t s = blocks[n] > 0 ? blocks[n] : -1;
+      const bool valid = s >= 0;
+      const int64_t sc = valid ? s : 0;
+      int64_t off = 0;
+      if (valid) {
+        off = mt[sc * m0 + meta_col * m1];
+        off = std::min<int64_t>(std::max<int64_t>(off, 0), cap - (W - 1));
+      }
+      T* win = cs + sc * c0;
+      if (fast) {
+        // Channels innermost on both sides: vectorised over c, one pass per tap.
+        auto src = [&](int64_t j) -> const T* {  // column j of full = [window, x_0..x_{T-1}]
+          return j < W - 1 ? win + (off + j) * c1 : xp + (n * Tn + j - (W - 1)) * x0;
+        };
+        for (int64_t t = 0; t < Tn; ++t) {
+          A* acc = full.data();
+          if (bs) {
+#pragma omp simd
+            for (int64_t c = 0; c < Dc; ++c) acc[c] = A(to_acc(bs[c * bst]));
+          } else {
+            std::fill(acc, acc + Dc, A(0));
+          }
+          for (int64_t w = 0; w < W; ++w) {
+            const T* sw = src(t + w);
+            const A* ww = wT.data() + w * Dc;
+#pragma omp simd
+            for (int64_t c = 0; c < Dc; ++c) acc[c] += A(to_acc(sw[c])) * ww[c];
+          }
+          T* yr = yp + (n * Tn + t) * Dc;
+          if (silu) {
+#pragma omp simd
+            for (int64_t c = 0; c < Dc; ++c) acc[c] = acc[c] / (A(1) + exp_vec(-acc[c]));
+          }
+#pragma omp simd
+          for (int64_t c = 0; c < Dc; ++c) store(yr + c, acc[c]);
+        }
+        // Window update: column w <- full[keep_from + w], ascending (sources never behind).
+        if (valid)
+          for (int64_t w = 0; w < kept; ++w) {
+            const T* from = src(keep_from + w);
+            T* to = win + w * c1;
+            if (from != to) std::memmove(to, from, Dc * sizeof(T));
+          }
+      }
+      for (int64_t c = 0; c < (fast ? 0 : Dc); ++c) {
+        for (int64_t w = 0; w < W - 1; ++w) full[w] = A(to_acc(win[(off + w) * c1 + c * c2]));
+        for (int64_t t = 0; t < Tn; ++t) full[W - 1 + t] = A(to_acc(xp[(n * Tn + t) * x0 + c * x1]));
+        const T* wc = wt + c * w0;
+        const A bias_c = bs ? A(to_acc(bs[c * bst])) : A(0);
+        for (int64_t t = 0; t < Tn; ++t) {
+          A acc = 0;
+          for (int64_t w = 0; w < W; ++w) acc += full[t + w] * A(to_acc(wc[w * w1]));
+          acc += bias_c;
+          if (silu) acc = acc / (A(1) + std::exp(-acc));
+          store(yp + (n * Tn + t) * Dc + c, acc);
+        }
+        if (valid)
+          for (int64_t w = 0; w < kept; ++w) store(win + w * c1 + c * c2, full[keep_from + w]);
+      }
+      if (valid) mt[sc * m0 + meta_col * m1] = int32_t(meta_value);
+      for (int64_t t = 0; t < Tn; ++t) {
+        const int64_t r = n * Tn + t;
+        for (int64_t h = 0; h < HV; ++h) {
+          const A z = A(to_acc(ap[r * a.stride(0) + h * a.stride(1)])) + dtp[h];
+          const A sp = z > A(20) ? z : std::log1p(std::exp(z));
+          gp[r * HV + h] = -std::exp(alp[h]) * sp;
+          const A bz = A(to_acc(bp[r * b.stride(0) + h * b.stride(1)]));
+          A sg = A(1) / (A(1) + std::exp(-bz));
+          if (beta_scale != 1.0) sg = sg * A(beta_scale);
+          bt[r * HV + h] = sg;
+        }
+      }
+    }
+  });
+}
+
+void conv_gates(const at::Tensor& conv, const at::Tensor& meta, int64_t meta_col,
+                const at::Tensor& weight, const at::Tensor& bias, bool silu,
+                const at::Tensor& blocks, const at::Tensor& x, int64_t Tn, int64_t keep_from,
+                int64_t meta_value, const at::Tensor& A_log, const at::Tensor& dt_bias,
+                const at::Tensor& a, const at::Tensor& b, double beta_scale,
+                const at::Tensor& y, const at::Tensor& g, const at::Tensor& beta) {
+#define KVB_CONV(TY, AY)                                                                        \
+  return conv_gates_impl<TY, AY>(conv, meta, meta_col, weight, bias, silu, blocks, x, Tn,      \
+                                 keep_from, meta_value, A_log, dt_bias, a, b, beta_scale, y, g, \
+                                 beta)
+  switch (x.scalar_type()) {
+    case at::kBFloat16: KVB_CONV(bf16, float);
+    case at::kHalf: KVB_CONV(_Float16, float);
+    case at::kFloat: KVB_CONV(float, float);
+    case at::kDouble: KVB_CONV(double, double);
+    default: TORCH_CHECK_VALUE(false, "x.dtype: unsupported ", x.scalar_type());
+  }
+#undef KVB_CONV
+}
+
 // (input dtype, state dtype) -> the instantiation; the accumulator is float64 for a float64 state.
 #define KVB_STATE_CASES(TI, FN, ...)                                                     \
   switch (state.scalar_type()) {                                                         \
@@ -670,5 +834,14 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("tokens", &tokens, "decode / verify / prefill: tokens cu[n]:cu[n+1] continue slot n");
   m.def("accept", &accept, "commit accepted tokens and flush the slots that reach chunk_size");
   m.def("materialize", &materialize, "the exact state of each slot, fla layout [N, HV, K, V]");
+  m.def("conv_gates", &conv_gates, "the layer's causal conv (window update) and gates");
+  m.def("exp_vec", [](const at::Tensor& x) {  // the SiLU's exp, for its accuracy test
+    TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32");
+    at::Tensor y = at::empty_like(x);
+    const float* xp = x.data_ptr<float>();
+    float* yp = y.data_ptr<float>();
+    for (int64_t i = 0; i < x.numel(); ++i) yp[i] = exp_vec(xp[i]);
+    return y;
+  });
   m.def("num_threads", []() { return at::get_num_threads(); });
 }
