@@ -209,18 +209,19 @@ def _scenario(h: Harness) -> None:
 def test_core_matches_float64_pipeline(backend, dtype, monkeypatch):
     native = []
     if backend == "cpu":
-        # The CPU backend's decode and uniform-verify rows run conv, window update and gates in
-        # one native call (cpu_impl.conv_gates): count them so a silent fallback fails the test.
+        # The CPU backend's decode, uniform-verify and varlen rows run conv, window update and
+        # gates in one native call (cpu_impl.conv_gates): record them so that a silent fallback
+        # to the torch ops fails the test.
         from vllm_kvbuffer.kernels import cpu_impl
         real = cpu_impl.conv_gates
 
         def counted(*args, **kw):
-            native.append(args[8])                      # T: tokens per row
+            native.append("varlen" if kw.get("cu_seqlens") is not None else kw["T"])
             return real(*args, **kw)
         monkeypatch.setattr(cpu_impl, "conv_gates", counted)
     _scenario(Harness(backend, dtype))
     if backend == "cpu":
-        assert 1 in native and any(t > 1 for t in native), native
+        assert {1, "varlen"} <= set(native) and D + 1 in native, native
 
 
 class HostSyncDetector(TorchDispatchMode):

@@ -178,20 +178,27 @@ def conv_gates_supported(weight: torch.Tensor, bias, conv_state: torch.Tensor, x
             and (bias is None or bias.dtype == dt) and weight.dim() == 2 and a.dim() == 2)
 
 
-def conv_gates(conv_state, meta, meta_col: int, weight, bias, silu: bool, blocks, x, T: int,
-               keep_from: int, meta_value: int, A_log, dt_bias, a, b, beta_scale: float):
-    """The layer's causal conv over each row's committed window and ``T`` new inputs, the
-    window update and the gates, in one call (see ``conv_gates`` in ``csrc/cpu_kernels.cpp``).
+def conv_gates(conv_state, meta, meta_col: int, weight, bias, silu: bool, blocks, x, *,
+               T: int = 0, cu_seqlens=None, has_initial_state=None, keep_from: int = -1,
+               meta_value: int = 0, A_log, dt_bias, a, b, beta_scale: float):
+    """The layer's causal conv over each row's window and new inputs, the window update and the
+    gates, in one call (see ``conv_gates`` in ``csrc/cpu_kernels.cpp``).
 
-    Returns ``y [N*T, Dc]`` in x's dtype and ``g, beta [N*T, HV]`` in fp32 (float64 for float64
-    inputs), as the torch path computes them."""
+    Rows hold ``T`` tokens each, or ``cu_seqlens [N+1]`` delimits them; ``has_initial_state
+    [N]`` (None: all) says which rows continue a window (the others start from zeros). The
+    window written back is ``full[keep_from:]`` (``keep_from < 0``: the last ``W-1`` inputs)
+    and the row's ``meta[:, meta_col]`` becomes ``meta_value``.
+
+    Returns ``y [tokens, Dc]`` in x's dtype and ``g, beta [tokens, HV]`` in fp32 (float64 for
+    float64 inputs), as the torch path computes them."""
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32
-    n = blocks.shape[0] * T
+    n = x.shape[0]
     y = torch.empty(n, weight.shape[0], dtype=x.dtype)
     g = torch.empty(n, a.shape[1], dtype=acc)
     beta = torch.empty(n, a.shape[1], dtype=acc)
-    empty = bias if bias is not None else _NO_CU
-    extension().conv_gates(conv_state, meta, meta_col, weight, empty, silu, blocks, x, T,
-                           keep_from, meta_value, A_log, dt_bias, a, b, float(beta_scale), y,
-                           g, beta)
+    extension().conv_gates(
+        conv_state, meta, meta_col, weight, bias if bias is not None else _NO_CU, silu, blocks,
+        x, cu_seqlens if cu_seqlens is not None else _NO_CU, T,
+        has_initial_state if has_initial_state is not None else _NO_CU, keep_from, meta_value,
+        A_log, dt_bias, a, b, float(beta_scale), y, g, beta)
     return y, g, beta

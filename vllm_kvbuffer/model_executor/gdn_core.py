@@ -129,13 +129,13 @@ def _native_conv_gates(p: GDNParams, conv_state, x, b, a) -> bool:
     return cpu_impl.conv_gates_supported(p.conv_weight, p.conv_bias, conv_state, x, a, b)
 
 
-def _conv_gates_native(cache: KVBufferCache, conv_state, p: GDNParams, blocks, x, b, a, T: int,
-                       keep_from: int, meta_value: int):
+def _conv_gates_native(cache: KVBufferCache, conv_state, p: GDNParams, blocks, x, b, a,
+                       **rows):
     from ..kernels import cpu_impl
     y, g, beta = cpu_impl.conv_gates(
         conv_state, cache.meta, META_CONV, p.conv_weight, p.conv_bias,
-        p.activation in ("silu", "swish"), blocks, x, T, keep_from, meta_value, p.A_log,
-        p.dt_bias, a, b, p.beta_scale)
+        p.activation in ("silu", "swish"), blocks, x, A_log=p.A_log, dt_bias=p.dt_bias, a=a,
+        b=b, beta_scale=p.beta_scale, **rows)
     return (*split_qkv(p, y), g, beta)
 
 
@@ -162,7 +162,8 @@ def decode_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
     N, W = x.shape[0], p.width
     slots = block_slots(blocks)
     if _native_conv_gates(p, conv_state, x, b, a):
-        q, k, v, g, beta = _conv_gates_native(cache, conv_state, p, blocks, x, b, a, 1, 1, 0)
+        q, k, v, g, beta = _conv_gates_native(cache, conv_state, p, blocks, x, b, a, T=1,
+                                              keep_from=1, meta_value=0)
         with kernels.set_value_checks(False):
             return kernels.decode(cache, slots, q, k, v, g, beta, backend=p.backend)
     valid = slots >= 0
@@ -217,8 +218,8 @@ def spec_rows_uniform(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNPara
     accept_pending(cache, slots, num_accepted[:N], p.backend)
     if _native_conv_gates(p, conv_state, x, b, a):
         drop = max(0, W - 1 + T - conv_state.shape[1])
-        q, k, v, g, beta = _conv_gates_native(cache, conv_state, p, blocks, x, b, a, T, drop,
-                                              -(drop + 1))
+        q, k, v, g, beta = _conv_gates_native(cache, conv_state, p, blocks, x, b, a, T=T,
+                                              keep_from=drop, meta_value=-(drop + 1))
         with kernels.set_value_checks(False):
             o = kernels.verify(cache, slots, *(t.reshape(N, T, *t.shape[1:])
                                                for t in (q, k, v, g, beta)), backend=p.backend)
@@ -296,7 +297,6 @@ def varlen_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
     slots = block_slots(blocks)
     slot_list = slots.tolist()
     cu = cu_seqlens[: R + 1].tolist()
-    n_dec_tok = cu[n_dec]
     has_init = [True] * n_dec
     if R > n_dec:
         has_init += has_initial_state[n_dec:R].tolist()
@@ -304,6 +304,16 @@ def varlen_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
     fresh = [s for s, h in zip(slot_list, has_init) if s >= 0 and not h]
     if fresh:
         kernels.reset_slots(cache, torch.tensor(fresh, dtype=torch.int32, device=slots.device))
+    if _native_conv_gates(p, conv_state, x, b, a):
+        cont = [s for s, h in zip(slot_list, has_init) if s >= 0 and h]
+        if cont and int(cache.meta[cont, META_CONV].min()) < 0:
+            raise RuntimeError("conv window read while a verify is pending")
+        q, k, v, g, beta = _conv_gates_native(
+            cache, conv_state, p, blocks, x, b, a, cu_seqlens=cu_seqlens[:R + 1],
+            has_initial_state=torch.tensor(has_init))
+        # The layer keeps the kernels' invariants (no pending tokens, room in the buffer).
+        with kernels.set_value_checks(False):
+            return _varlen_kernels(cache, slots, cu_seqlens, n_dec, R, cu, q, k, v, g, beta, p)
     windows = [None if s < 0 else _window(conv_state, cache.meta, s, h, W)
                for s, h in zip(slot_list, has_init)]
     y, fulls = causal_conv1d_rows(x, p.conv_weight, p.conv_bias, cu, windows, p.activation)
@@ -312,6 +322,12 @@ def varlen_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
             conv_state[s, :W - 1] = full[-(W - 1):].to(conv_state.dtype)
             cache.meta[s, META_CONV] = 0
     q, k, v, g, beta = qkv_gates(p, y, b, a)
+    return _varlen_kernels(cache, slots, cu_seqlens, n_dec, R, cu, q, k, v, g, beta, p)
+
+
+def _varlen_kernels(cache, slots, cu_seqlens, n_dec, R, cu, q, k, v, g, beta, p):
+    """The decode rows' ``decode`` and the prefill rows' ``prefill`` of :func:`varlen_rows`."""
+    n_dec_tok = cu[n_dec]
     out = torch.empty_like(v)
     if n_dec:
         out[:n_dec_tok] = kernels.decode(cache, slots[:n_dec], q[:n_dec_tok], k[:n_dec_tok],

@@ -645,24 +645,37 @@ inline float exp_vec(float x) {
 }
 inline double exp_vec(double x) { return std::exp(x); }
 
-// -- the layer's causal conv and gates for rows of T tokens (decode: T = 1; uniform verify) ------
-// Row n continues slot blocks[n] (block <= 0: padding, vLLM's null block; its outputs are
-// computed from slot 0's window and never used, nothing is written). Its committed conv window
-// is the W-1 columns of conv[slot] from the offset in meta[slot, META_CONV]; the inputs are
-// full = [window, x_0 .. x_{T-1}], y_t = act(sum_w full[t + w] weight[:, w] + bias) rounded to
-// x's dtype. The window written back is full[keep_from:] at column 0 and meta[slot, META_CONV]
-// becomes meta_value (decode: keep_from = 1, 0; verify: keep_from = drop, -(drop + 1)).
+// -- the layer's causal conv and gates -------------------------------------------------------
+// Row n holds tokens cu[n]:cu[n+1] of x (uniform rows: cu[n] = n * Tn) and continues slot
+// blocks[n] (block <= 0: padding, vLLM's null block; its outputs are computed from slot 0's
+// window and never used, nothing is written). Its input window is the W-1 columns of conv[slot]
+// from the offset in meta[slot, META_CONV], or zeros when has_init[n] is false (a new sequence);
+// full = [window, x rows], y_t = act(sum_w full[t + w] weight[:, w] + bias) rounded to x's dtype.
+// The window written back is full[keep:] at column 0, keep = keep_from (or, for keep_from < 0,
+// the row's token count: the last W-1 columns), and meta[slot, META_CONV] becomes meta_value.
 // Gates: g = -exp(A_log) softplus(a + dt_bias), beta = beta_scale sigmoid(b), in A.
 template <typename T, typename A>
 void conv_gates_impl(const at::Tensor& conv, const at::Tensor& meta, int64_t meta_col,
                      const at::Tensor& weight, const at::Tensor& bias, bool silu,
-                     const at::Tensor& blocks_t, const at::Tensor& x, int64_t Tn,
-                     int64_t keep_from, int64_t meta_value, const at::Tensor& A_log_t,
-                     const at::Tensor& dt_bias_t, const at::Tensor& a, const at::Tensor& b,
-                     double beta_scale, const at::Tensor& y, const at::Tensor& g,
-                     const at::Tensor& beta) {
+                     const at::Tensor& blocks_t, const at::Tensor& x, const at::Tensor& cu_t,
+                     int64_t Tn, const at::Tensor& has_init_t, int64_t keep_from,
+                     int64_t meta_value, const at::Tensor& A_log_t, const at::Tensor& dt_bias_t,
+                     const at::Tensor& a, const at::Tensor& b, double beta_scale,
+                     const at::Tensor& y, const at::Tensor& g, const at::Tensor& beta) {
   const std::vector<int64_t> blocks = as_i64(blocks_t);
   const int64_t N = int64_t(blocks.size()), W = weight.size(1), Dc = weight.size(0);
+  std::vector<int64_t> cu;
+  if (cu_t.numel() > 0) {
+    cu = as_i64(cu_t);
+  } else {
+    cu.resize(N + 1);
+    for (int64_t n = 0; n <= N; ++n) cu[n] = n * Tn;
+  }
+  std::vector<int64_t> has_init(N, 1);
+  if (has_init_t.numel() > 0) {
+    const at::Tensor h = has_init_t.to(at::kLong);
+    for (int64_t n = 0; n < N; ++n) has_init[n] = h.data_ptr<int64_t>()[n * h.stride(0)];
+  }
   const int64_t cap = conv.size(1), HV = a.size(1);
   T* cs = ptr<T>(conv);
   const int64_t c0 = conv.stride(0), c1 = conv.stride(1), c2 = conv.stride(2);
@@ -681,34 +694,38 @@ void conv_gates_impl(const at::Tensor& conv, const at::Tensor& meta, int64_t met
   const A* dtp = dt.data_ptr<A>();
   const T* ap = ptr<T>(a);
   const T* bp = ptr<T>(b);
+  const int64_t a0 = a.stride(0), a1 = a.stride(1), b0 = b.stride(0), b1 = b.stride(1);
   A* gp = ptr<A>(g);
   A* bt = ptr<A>(beta);
-  const int64_t full_len = W - 1 + Tn, kept = full_len - keep_from;
   // Fast path: channels contiguous in the conv state and in x (vLLM's default "SD" layout).
   const bool fast = c2 == 1 && x1 == 1;
-  std::vector<A> wT(fast ? W * Dc : 0);  // taps-major fp32 copy of the weights
+  std::vector<A> wT(fast ? W * Dc : 0);  // taps-major copy of the weights
   for (int64_t w = 0; w < (fast ? W : 0); ++w)
     for (int64_t c = 0; c < Dc; ++c) wT[w * Dc + c] = A(to_acc(wt[c * w0 + w * w1]));
+  std::vector<T> zeros(fast ? Dc : 0);
+  for (auto& z : zeros) store(&z, 0.0f);
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, Dc));
   at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
-    std::vector<A> full(std::max(full_len, fast ? Dc : int64_t(0)));
+    std::vector<A> buf;
     for (int64_t n = lo; n < hi; ++n) {
       const int64_t s = blocks[n] > 0 ? blocks[n] : -1;
-      const bool valid = s >= 0;
-      const int64_t sc = valid ? s : 0;
+      const bool valid = s >= 0, init = has_init[n] != 0;
+      const int64_t sc = valid ? s : 0, t0 = cu[n], nt = cu[n + 1] - cu[n];
       int64_t off = 0;
-      if (valid) {
+      if (valid && init) {
         off = mt[sc * m0 + meta_col * m1];
         off = std::min<int64_t>(std::max<int64_t>(off, 0), cap - (W - 1));
       }
+      const int64_t keep = keep_from >= 0 ? keep_from : nt, kept = W - 1 + nt - keep;
       T* win = cs + sc * c0;
       if (fast) {
-        // Channels innermost on both sides: vectorised over c, one pass per tap.
-        auto src = [&](int64_t j) -> const T* {  // column j of full = [window, x_0..x_{T-1}]
-          return j < W - 1 ? win + (off + j) * c1 : xp + (n * Tn + j - (W - 1)) * x0;
+        buf.resize(Dc);
+        A* acc = buf.data();
+        auto src = [&](int64_t j) -> const T* {  // column j of full = [window, x rows]
+          if (j >= W - 1) return xp + (t0 + j - (W - 1)) * x0;
+          return init ? win + (off + j) * c1 : zeros.data();
         };
-        for (int64_t t = 0; t < Tn; ++t) {
-          A* acc = full.data();
+        for (int64_t t = 0; t < nt; ++t) {
           if (bs) {
 #pragma omp simd
             for (int64_t c = 0; c < Dc; ++c) acc[c] = A(to_acc(bs[c * bst]));
@@ -721,45 +738,49 @@ void conv_gates_impl(const at::Tensor& conv, const at::Tensor& meta, int64_t met
 #pragma omp simd
             for (int64_t c = 0; c < Dc; ++c) acc[c] += A(to_acc(sw[c])) * ww[c];
           }
-          T* yr = yp + (n * Tn + t) * Dc;
           if (silu) {
 #pragma omp simd
             for (int64_t c = 0; c < Dc; ++c) acc[c] = acc[c] / (A(1) + exp_vec(-acc[c]));
           }
+          T* yr = yp + (t0 + t) * Dc;
 #pragma omp simd
           for (int64_t c = 0; c < Dc; ++c) store(yr + c, acc[c]);
         }
-        // Window update: column w <- full[keep_from + w], ascending (sources never behind).
+        // Window update: column w <- full[keep + w], ascending (a source is never behind).
         if (valid)
           for (int64_t w = 0; w < kept; ++w) {
-            const T* from = src(keep_from + w);
+            const T* from = src(keep + w);
             T* to = win + w * c1;
             if (from != to) std::memmove(to, from, Dc * sizeof(T));
           }
-      }
-      for (int64_t c = 0; c < (fast ? 0 : Dc); ++c) {
-        for (int64_t w = 0; w < W - 1; ++w) full[w] = A(to_acc(win[(off + w) * c1 + c * c2]));
-        for (int64_t t = 0; t < Tn; ++t) full[W - 1 + t] = A(to_acc(xp[(n * Tn + t) * x0 + c * x1]));
-        const T* wc = wt + c * w0;
-        const A bias_c = bs ? A(to_acc(bs[c * bst])) : A(0);
-        for (int64_t t = 0; t < Tn; ++t) {
-          A acc = 0;
-          for (int64_t w = 0; w < W; ++w) acc += full[t + w] * A(to_acc(wc[w * w1]));
-          acc += bias_c;
-          if (silu) acc = acc / (A(1) + std::exp(-acc));
-          store(yp + (n * Tn + t) * Dc + c, acc);
+      } else {
+        const int64_t full_len = W - 1 + nt;
+        buf.resize(full_len);
+        A* full = buf.data();
+        for (int64_t c = 0; c < Dc; ++c) {
+          for (int64_t w = 0; w < W - 1; ++w)
+            full[w] = init ? A(to_acc(win[(off + w) * c1 + c * c2])) : A(0);
+          for (int64_t t = 0; t < nt; ++t) full[W - 1 + t] = A(to_acc(xp[(t0 + t) * x0 + c * x1]));
+          const T* wc = wt + c * w0;
+          const A bias_c = bs ? A(to_acc(bs[c * bst])) : A(0);
+          for (int64_t t = 0; t < nt; ++t) {
+            A acc = 0;
+            for (int64_t w = 0; w < W; ++w) acc += full[t + w] * A(to_acc(wc[w * w1]));
+            acc += bias_c;
+            if (silu) acc = acc / (A(1) + std::exp(-acc));
+            store(yp + (t0 + t) * Dc + c, acc);
+          }
+          if (valid)
+            for (int64_t w = 0; w < kept; ++w) store(win + w * c1 + c * c2, full[keep + w]);
         }
-        if (valid)
-          for (int64_t w = 0; w < kept; ++w) store(win + w * c1 + c * c2, full[keep_from + w]);
       }
       if (valid) mt[sc * m0 + meta_col * m1] = int32_t(meta_value);
-      for (int64_t t = 0; t < Tn; ++t) {
-        const int64_t r = n * Tn + t;
+      for (int64_t r = t0; r < t0 + nt; ++r) {
         for (int64_t h = 0; h < HV; ++h) {
-          const A z = A(to_acc(ap[r * a.stride(0) + h * a.stride(1)])) + dtp[h];
+          const A z = A(to_acc(ap[r * a0 + h * a1])) + dtp[h];
           const A sp = z > A(20) ? z : std::log1p(std::exp(z));
           gp[r * HV + h] = -std::exp(alp[h]) * sp;
-          const A bz = A(to_acc(bp[r * b.stride(0) + h * b.stride(1)]));
+          const A bz = A(to_acc(bp[r * b0 + h * b1]));
           A sg = A(1) / (A(1) + std::exp(-bz));
           if (beta_scale != 1.0) sg = sg * A(beta_scale);
           bt[r * HV + h] = sg;
@@ -771,14 +792,15 @@ void conv_gates_impl(const at::Tensor& conv, const at::Tensor& meta, int64_t met
 
 void conv_gates(const at::Tensor& conv, const at::Tensor& meta, int64_t meta_col,
                 const at::Tensor& weight, const at::Tensor& bias, bool silu,
-                const at::Tensor& blocks, const at::Tensor& x, int64_t Tn, int64_t keep_from,
-                int64_t meta_value, const at::Tensor& A_log, const at::Tensor& dt_bias,
-                const at::Tensor& a, const at::Tensor& b, double beta_scale,
-                const at::Tensor& y, const at::Tensor& g, const at::Tensor& beta) {
-#define KVB_CONV(TY, AY)                                                                        \
-  return conv_gates_impl<TY, AY>(conv, meta, meta_col, weight, bias, silu, blocks, x, Tn,      \
-                                 keep_from, meta_value, A_log, dt_bias, a, b, beta_scale, y, g, \
-                                 beta)
+                const at::Tensor& blocks, const at::Tensor& x, const at::Tensor& cu, int64_t Tn,
+                const at::Tensor& has_init, int64_t keep_from, int64_t meta_value,
+                const at::Tensor& A_log, const at::Tensor& dt_bias, const at::Tensor& a,
+                const at::Tensor& b, double beta_scale, const at::Tensor& y,
+                const at::Tensor& g, const at::Tensor& beta) {
+#define KVB_CONV(TY, AY)                                                                   \
+  return conv_gates_impl<TY, AY>(conv, meta, meta_col, weight, bias, silu, blocks, x, cu, \
+                                 Tn, has_init, keep_from, meta_value, A_log, dt_bias, a,  \
+                                 b, beta_scale, y, g, beta)
   switch (x.scalar_type()) {
     case at::kBFloat16: KVB_CONV(bf16, float);
     case at::kHalf: KVB_CONV(_Float16, float);
