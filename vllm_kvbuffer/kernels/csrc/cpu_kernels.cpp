@@ -270,6 +270,48 @@ void state_dots(const TS* blk, int64_t rs, int64_t V, int64_t K, const A* vecs, 
   state_dots_generic(blk, rs, V, K, vecs, nvec, out, v0);
 }
 
+#if defined(__AVX512F__)
+// The flush of an fp32 block (K a multiple of 16, dst the block itself): per four rows and
+// 16-lane column block, the four accumulators stay in registers across the m buffered keys
+// (one key load feeds four FMAs).
+inline int64_t fold_rows_avx512(const float* src, int64_t rs, int64_t V, int64_t K, bool has,
+                                const float* KH, const float* U, int64_t m, float eGm,
+                                const float* w, float* dst, int64_t drs, float* coef) {
+  int64_t v0 = 0;
+  const __m512 eg = _mm512_set1_ps(eGm);
+  for (; v0 + 4 <= V; v0 += 4) {
+    for (int64_t j = 0; j < m; ++j)
+      for (int64_t r = 0; r < 4; ++r) coef[j * 4 + r] = w[j] * U[j * V + v0 + r];
+    const float* s0 = src + v0 * rs;
+    float* d0 = dst + v0 * drs;
+    for (int64_t kk = 0; kk < K; kk += 16) {
+      __m512 a0, a1, a2, a3;
+      if (has) {
+        a0 = _mm512_mul_ps(eg, _mm512_loadu_ps(s0 + kk));
+        a1 = _mm512_mul_ps(eg, _mm512_loadu_ps(s0 + rs + kk));
+        a2 = _mm512_mul_ps(eg, _mm512_loadu_ps(s0 + 2 * rs + kk));
+        a3 = _mm512_mul_ps(eg, _mm512_loadu_ps(s0 + 3 * rs + kk));
+      } else {
+        a0 = a1 = a2 = a3 = _mm512_setzero_ps();
+      }
+      for (int64_t j = 0; j < m; ++j) {
+        const __m512 kv = _mm512_loadu_ps(KH + j * K + kk);
+        const float* c = coef + j * 4;
+        a0 = _mm512_fmadd_ps(_mm512_set1_ps(c[0]), kv, a0);
+        a1 = _mm512_fmadd_ps(_mm512_set1_ps(c[1]), kv, a1);
+        a2 = _mm512_fmadd_ps(_mm512_set1_ps(c[2]), kv, a2);
+        a3 = _mm512_fmadd_ps(_mm512_set1_ps(c[3]), kv, a3);
+      }
+      _mm512_storeu_ps(d0 + kk, a0);
+      _mm512_storeu_ps(d0 + drs + kk, a1);
+      _mm512_storeu_ps(d0 + 2 * drs + kk, a2);
+      _mm512_storeu_ps(d0 + 3 * drs + kk, a3);
+    }
+  }
+  return v0;
+}
+#endif
+
 // Fold the first m buffered rows into the state block src (rows rs apart; S0 is zero and never
 // read when !has): S_m = exp(G_m) S0 + sum_{j<m} exp(G_m - G_j) k_hat_j u_j^T, written to dst at
 // v * drs + k * dks (the block itself when flushing, an fla-layout [K, V] output for
@@ -281,6 +323,14 @@ void fold_rows(const TS* src, int64_t rs, int64_t V, int64_t K, bool has, const 
   A eGm = std::exp(Gm);
   for (int64_t j = 0; j < m; ++j) w[j] = std::exp(Gm - G[j]);
   int64_t v0 = 0;
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<TS, float> && std::is_same_v<TD, float> &&
+                std::is_same_v<A, float>) {
+    // Its 4 x m coefficients live in the 4 x K scratch rows.
+    if (dks == 1 && K % 16 == 0 && m <= K)
+      v0 = fold_rows_avx512(src, rs, V, K, has, KH, U, m, eGm, w, dst, drs, rows);
+  }
+#endif
   A *r0 = rows, *r1 = rows + K, *r2 = rows + 2 * K, *r3 = rows + 3 * K;
   for (; v0 + 4 <= V; v0 += 4) {
     if (has) {
