@@ -47,7 +47,8 @@ def auto_backend(device: torch.device) -> str:
 
 
 def _resolve_backend(backend: str, cache: KVBufferCache) -> str:
-    check(backend in BACKENDS, "backend", f"one of {BACKENDS}", repr(backend))
+    if backend not in BACKENDS:
+        check(False, "backend", f"one of {BACKENDS}", repr(backend))
     if backend == "auto":
         return auto_backend(cache.device)
     if backend == "cpu":
@@ -92,9 +93,9 @@ def _bind_qk_l2norm(cache: KVBufferCache, use_qk_l2norm) -> bool:
     check(isinstance(use_qk_l2norm, bool), "use_qk_l2norm", "a bool", use_qk_l2norm)
     if cache.qk_l2norm is None:
         cache.qk_l2norm = use_qk_l2norm
-    check(cache.qk_l2norm == use_qk_l2norm, "use_qk_l2norm",
-          f"{cache.qk_l2norm} (fixed by the first operation on this cache: buffered keys are "
-          f"re-normalised the same way)", use_qk_l2norm)
+    if cache.qk_l2norm != use_qk_l2norm:
+        check(False, "use_qk_l2norm", f"{cache.qk_l2norm} (fixed by the first operation on this "
+              f"cache: buffered keys are re-normalised the same way)", use_qk_l2norm)
     return use_qk_l2norm
 
 
@@ -104,7 +105,8 @@ def _check_token_inputs(cache: KVBufferCache, lead: tuple, q, k, v, g, beta) -> 
                         cache.device)
     check_tensor(q, "q", shape=lead + (H, K), dtypes=_FLOAT_DTYPES, device=dev)
     check_tensor(k, "k", shape=lead + (H, K), dtypes=(cache.dtype,), device=dev)
-    check(q.dtype == k.dtype, "q.dtype", f"k.dtype = {k.dtype}", q.dtype)
+    if q.dtype != k.dtype:
+        check(False, "q.dtype", f"k.dtype = {k.dtype}", q.dtype)
     check_tensor(v, "v", shape=lead + (HV, V), dtypes=(k.dtype,), device=dev)
     check_tensor(g, "g", shape=lead + (HV,), dtypes=_FLOAT_DTYPES, device=dev)
     check_tensor(beta, "beta", shape=lead + (HV,), dtypes=_FLOAT_DTYPES, device=dev)

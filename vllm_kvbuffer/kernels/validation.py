@@ -61,15 +61,18 @@ def check_int(name: str, value: Any, *, minimum: int) -> None:
 
 def check_tensor(t: Any, name: str, *, shape: tuple, dtypes: tuple | None = None,
                  device: torch.device | None = None) -> None:
-    """``shape`` entries may be None (any size)."""
-    check(isinstance(t, torch.Tensor), name, "a torch.Tensor", type(t).__name__)
-    check(t.dim() == len(shape) and all(e is None or e == a for e, a in zip(shape, t.shape)),
-          f"{name}.shape", tuple("*" if e is None else e for e in shape), tuple(t.shape))
-    if dtypes is not None:
-        check(t.dtype in dtypes, f"{name}.dtype", dtypes[0] if len(dtypes) == 1 else
-              f"one of {dtypes}", t.dtype)
-    if device is not None:
-        check(t.device == device, f"{name}.device", device, t.device)
+    """``shape`` entries may be None (any size). Messages are built only on failure: this runs
+    on every kernel call, also in serving."""
+    if not isinstance(t, torch.Tensor):
+        check(False, name, "a torch.Tensor", type(t).__name__)
+    if t.dim() != len(shape) or any(e is not None and e != a for e, a in zip(shape, t.shape)):
+        check(False, f"{name}.shape", tuple("*" if e is None else e for e in shape),
+              tuple(t.shape))
+    if dtypes is not None and t.dtype not in dtypes:
+        check(False, f"{name}.dtype", dtypes[0] if len(dtypes) == 1 else f"one of {dtypes}",
+              t.dtype)
+    if device is not None and t.device != device:
+        check(False, f"{name}.device", device, t.device)
 
 
 def check_slots_tensor(slots: Any, num_slots: int, device: torch.device, *, name: str = "slots",
