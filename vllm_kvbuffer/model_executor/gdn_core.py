@@ -213,8 +213,6 @@ def spec_rows_uniform(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNPara
     """
     N, W = blocks.shape[0], p.width
     slots = block_slots(blocks)
-    valid = slots >= 0
-    slots_c = slots.clamp(min=0).long()
     accept_pending(cache, slots, num_accepted[:N], p.backend)
     if _native_conv_gates(p, conv_state, x, b, a):
         drop = max(0, W - 1 + T - conv_state.shape[1])
@@ -224,6 +222,8 @@ def spec_rows_uniform(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNPara
             o = kernels.verify(cache, slots, *(t.reshape(N, T, *t.shape[1:])
                                                for t in (q, k, v, g, beta)), backend=p.backend)
         return o.reshape(N * T, *o.shape[2:])
+    valid = slots >= 0
+    slots_c = slots.clamp(min=0).long()
     window = _gather_windows(conv_state, cache.meta, slots_c, valid, W)
     full = torch.cat([window, x.to(window.dtype).reshape(N, T, -1)], dim=1)  # [N, W-1+T, Dc]
     y = _conv_uniform(full, p, T).reshape(N * T, -1).to(x.dtype)
