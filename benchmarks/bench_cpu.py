@@ -4,17 +4,18 @@ One GDN layer, Qwen3-Next heads (H=16, HV=32, K=V=128), bf16 inputs, fp32 state,
 thread count, both sides on the same inputs in the same run:
 
 - decode, batch 1 / 16 / 64: ``fused_sigmoid_gating_delta_rule_update_cpu`` (gates fused in) vs
-  KVBuffer's gates + ``decode`` timed over whole flush cycles (C steps; the slots are staggered so
-  that each step flushes 1/C of them, each slot once per cycle). Twice: with one layer's pools
-  (which fit this machine's large last-level cache at batch 16 and 64) and with a model's worth
-  of layers (``model`` rows: one pool per layer, each step goes through all of them, as a forward
-  pass does; up to Qwen3-Next's 36 layers and at least 1 GiB of state per side, so the pools
-  stream from memory). KVBuffer runs with the value checks off, as the layer calls it;
+  KVBuffer's ``gdn_gates`` + ``decode`` timed over whole flush cycles (C steps; the slots are
+  staggered so that each step flushes 1/C of them, each slot once per cycle). Twice: with one
+  layer's pools (which fit this machine's large last-level cache at batch 16 and 64) and with a
+  model's worth of layers (``model`` rows: one pool per layer, each step goes through all of
+  them, as a forward pass does; up to Qwen3-Next's 36 layers and at least 1 GiB of state per
+  side, so the pools stream from memory). KVBuffer runs with the value checks off, as the layer
+  calls it;
 - verify + accept, D=4 (T=5), batch 16, mixed accept counts (1..5, mean 3):
-  ``fused_sigmoid_gating_delta_rule_update_spec_cpu`` (one state written per draft) vs gates +
-  ``verify`` + ``accept`` (flushes included, averaged over windows of steps);
+  ``fused_sigmoid_gating_delta_rule_update_spec_cpu`` (one state written per draft) vs
+  ``gdn_gates`` + ``verify`` + ``accept`` (flushes included, averaged over windows of steps);
 - prefill of 4 x 512-token prompts: ``fused_gdn_gating_cpu`` + ``chunk_gated_delta_rule_cpu`` vs
-  gates + ``prefill``.
+  ``gdn_gates`` + ``prefill``.
 
 Achieved bytes per second use the byte models of :mod:`benchmarks.common` and are compared with a
 measured ``copy_`` bandwidth (read + write), both beyond the last-level cache (memory) and at the
@@ -39,7 +40,7 @@ import torch.nn.functional as F
 
 from benchmarks import common
 from benchmarks.common import QWEN3_NEXT
-from vllm_kvbuffer.kernels import set_value_checks
+from vllm_kvbuffer.kernels import gdn_gates, set_value_checks
 
 C = 16
 D = 4
@@ -48,7 +49,8 @@ RESULTS = common.ROOT / "benchmarks" / "results" / "cpu-2026-11-30"
 
 
 def _gates(A_log, dt_bias, a, b):
-    """g and beta exactly as the layer core computes them (``gdn_core.qkv_gates``)."""
+    """g and beta in torch ops (the references' inputs; the timed KVBuffer runs call
+    ``gdn_gates``, one native call, as the layer's own conv-and-gates call does)."""
     g = -torch.exp(A_log.float()) * F.softplus(a.float() + dt_bias.float())
     return g, torch.sigmoid(b.float())
 
@@ -159,7 +161,8 @@ def bench_decode(N, H, HV, K, V, gen, reps, smoke, layers=1):
     def cycle():
         for q, k, v, a, b in steps:
             for cache, slots in caches:
-                decode(cache, slots, q, k, v, *_gates(A_log, dt_bias, a, b), backend="cpu")
+                decode(cache, slots, q, k, v, *gdn_gates(A_log, dt_bias, a, b, backend="cpu"),
+                       backend="cpu")
 
     with set_value_checks(False):     # as the layer calls it (its invariants hold by design)
         _time(row, "kvbuffer", cycle, reps, C * layers)
@@ -216,7 +219,7 @@ def bench_verify(N, H, HV, K, V, gen, reps, smoke):
 
     def step(i):
         q, k, v, a, b = steps[i]
-        g, beta = _gates(A_log, dt_bias, a, b)
+        g, beta = gdn_gates(A_log, dt_bias, a, b, backend="cpu")
         o = verify(cache, slots, *(x.view(N, T, *x.shape[1:]) for x in (q, k, v, g, beta)),
                    backend="cpu")
         accept(cache, slots, accepted[i], backend="cpu")
@@ -276,7 +279,8 @@ def bench_prefill(N, L, H, HV, K, V, gen, reps, smoke):
 
     def kvb_run():
         reset_slots(cache, slots)
-        return prefill(cache, slots, q, k, v, *_gates(A_log, dt_bias, a, b), cu, backend="cpu")
+        return prefill(cache, slots, q, k, v, *gdn_gates(A_log, dt_bias, a, b, backend="cpu"),
+                       cu, backend="cpu")
 
     if smoke:
         g, beta = _gates(A_log, dt_bias, a, b)

@@ -294,3 +294,41 @@ def test_vectorised_exp_within_two_ulp_of_expf():
     ulp = (want.float().nextafter(torch.tensor(float("inf"))) - want.float()).double()
     assert float(((got.double() - want).abs() / ulp).max()) <= 2.0
     assert torch.isnan(cpu_impl.extension().exp_vec(torch.tensor([float("nan")]))).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32, torch.float64])
+def test_gdn_gates_native_matches_the_formula(dtype):
+    """``gdn_gates``' one native call against the float64 formula, strided inputs (as the layer's
+    projections are views), ``beta_scale`` 1 and 2, softplus' linear branch (a + dt_bias > 20)
+    included; the torch backend computes the same."""
+    from vllm_kvbuffer.kernels import gdn_gates
+    gen = torch.Generator().manual_seed(3)
+    N, HV = 37, 12
+    ab = (torch.randn(N, 2 * HV + 3, generator=gen) * 6).to(dtype)
+    ab[0, :HV] = 25.0                               # softplus(z) = z above 20
+    a, b = ab[:, :HV], ab[:, HV:2 * HV]
+    A_log = (torch.rand(HV, generator=gen) * 2 - 3).to(dtype)
+    dt_bias = torch.randn(HV, generator=gen).to(dtype)
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    tol = 1e-13 if dtype == torch.float64 else 2e-6
+    for scale in (1.0, 2.0):
+        z = a.double() + dt_bias.double()
+        g_ref = -torch.exp(A_log.double()) * torch.where(z > 20, z, torch.log1p(torch.exp(z)))
+        beta_ref = scale * torch.sigmoid(b.double())
+        for backend in ("cpu", "torch"):
+            g, beta = gdn_gates(A_log, dt_bias, a, b, beta_scale=scale, backend=backend)
+            assert g.dtype == beta.dtype == acc and g.shape == beta.shape == (N, HV)
+            assert rel_err(g, g_ref) < tol and rel_err(beta, beta_ref) < tol, backend
+
+
+def test_gdn_gates_errors():
+    from vllm_kvbuffer.kernels import gdn_gates
+    a, b, w = torch.zeros(3, 4), torch.zeros(3, 4), torch.zeros(4)
+    with pytest.raises(ValueError, match=r"b.shape: expected \(3, 4\), got \(3, 5\)"):
+        gdn_gates(w, w, a, torch.zeros(3, 5))
+    with pytest.raises(ValueError, match=r"A_log.shape: expected \(4,\), got \(5,\)"):
+        gdn_gates(torch.zeros(5), w, a, b)
+    with pytest.raises(ValueError, match="beta_scale: expected a positive finite float, got 0"):
+        gdn_gates(w, w, a, b, beta_scale=0)
+    with pytest.raises(ValueError, match="backend: expected one of"):
+        gdn_gates(w, w, a, b, backend="gpu")

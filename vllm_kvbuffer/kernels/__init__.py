@@ -6,13 +6,15 @@ Public API::
                            head_v_dim=..., chunk_size=16, max_draft_tokens=0)
     reset_slots(cache, slots)
     o = prefill(cache, slots, q, k, v, g, beta, cu_seqlens)
+    g, beta = gdn_gates(A_log, dt_bias, a, b)             # the layer's gates
     o = decode(cache, slots, q, k, v, g, beta)
     o = verify(cache, slots, q, k, v, g, beta); accept(cache, slots, num_accepted)
     S = materialize_state(cache, slots)
     o, S = recurrent_gated_delta_rule(q, k, v, g, beta)    # token-by-token ground truth
 """
 
-from .api import BACKENDS, accept, auto_backend, decode, materialize_state, prefill, verify
+from .api import (BACKENDS, accept, auto_backend, decode, gdn_gates, materialize_state, prefill,
+                  verify)
 from .cache import KVBufferCache, allocate_cache, reset_slots
 from .recurrent import recurrent_gated_delta_rule
 from .validation import set_value_checks, value_checks_enabled
@@ -24,6 +26,7 @@ __all__ = [
     "allocate_cache",
     "auto_backend",
     "decode",
+    "gdn_gates",
     "materialize_state",
     "prefill",
     "recurrent_gated_delta_rule",

@@ -47,21 +47,24 @@ def auto_backend(device: torch.device) -> str:
 
 
 def _resolve_backend(backend: str, cache: KVBufferCache) -> str:
+    return _resolve_backend_on(backend, cache.device, "the cache")
+
+
+def _resolve_backend_on(backend: str, device: torch.device, what: str) -> str:
     if backend not in BACKENDS:
         check(False, "backend", f"one of {BACKENDS}", repr(backend))
     if backend == "auto":
-        return auto_backend(cache.device)
+        return auto_backend(device)
     if backend == "cpu":
-        if cache.device.type != "cpu":
-            raise NotImplementedError(f"backend='cpu' needs CPU tensors; the cache is on "
-                                      f"{cache.device}")
+        if device.type != "cpu":
+            raise NotImplementedError(f"backend='cpu' needs CPU tensors; {what} is on {device}")
         from . import cpu_impl
         cpu_impl.extension()  # a missing compiler surfaces here, not inside a kernel call
     if backend == "triton":
-        if not _triton_usable(cache.device):
+        if not _triton_usable(device):
             raise NotImplementedError(
                 f"backend='triton' needs a CUDA device or TRITON_INTERPRET=1 for CPU tensors; "
-                f"the cache is on {cache.device}")
+                f"{what} is on {device}")
         from . import triton  # noqa: F401  (import errors surface here, not at package import)
     return backend
 
@@ -269,3 +272,32 @@ def materialize_state(cache: KVBufferCache, slots: torch.Tensor, *,
     l2 = cache.qk_l2norm if cache.qk_l2norm is not None else True
     impl = _impl(be) if be == "cpu" else torch_impl
     return impl.materialize_state(cache, slots, use_qk_l2norm=l2)
+
+
+def gdn_gates(A_log: torch.Tensor, dt_bias: torch.Tensor, a: torch.Tensor, b: torch.Tensor, *,
+              beta_scale: float = 1.0, backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+    """The layer's gates from its gate projections, as vLLM's GDN layers compute them:
+    ``g = -exp(A_log) * softplus(a + dt_bias)`` (the log-space decay) and
+    ``beta = beta_scale * sigmoid(b)`` (``beta_scale`` 2 for layers that allow negative
+    eigenvalues).
+
+    Args:
+        a, b: ``[N, HV]``; A_log, dt_bias: ``[HV]``.
+
+    Returns ``(g, beta)``, each ``[N, HV]`` in float32 (float64 for float64 ``a``). The ``"cpu"``
+    backend computes both in one native call when a and b share a dtype; every other backend
+    (and the CPU otherwise) uses torch ops, which CUDA graphs capture.
+    """
+    check_tensor(a, "a", shape=(None, None), dtypes=_FLOAT_DTYPES)
+    N, HV = a.shape
+    check_tensor(b, "b", shape=(N, HV), dtypes=_FLOAT_DTYPES, device=a.device)
+    check_tensor(A_log, "A_log", shape=(HV,), dtypes=_FLOAT_DTYPES, device=a.device)
+    check_tensor(dt_bias, "dt_bias", shape=(HV,), dtypes=_FLOAT_DTYPES, device=a.device)
+    check(isinstance(beta_scale, (int, float)) and not isinstance(beta_scale, bool)
+          and math.isfinite(beta_scale) and beta_scale > 0, "beta_scale",
+          "a positive finite float", beta_scale)
+    be = _resolve_backend_on(backend, a.device, "a")
+    if be == "cpu" and b.dtype == a.dtype:
+        from . import cpu_impl
+        return cpu_impl.gates(A_log, dt_bias, a, b, beta_scale=float(beta_scale))
+    return torch_impl.gates(A_log, dt_bias, a, b, beta_scale=float(beta_scale))

@@ -93,11 +93,11 @@ def _pool(cache: KVBufferCache) -> tuple:
 _NO_CU = torch.empty(0, dtype=torch.int64)
 
 
-def _run_tokens(cache: KVBufferCache, slots, cu, per_seq: int, q, k, v, g, beta, out, *,
-                commit: bool, scale: float, use_qk_l2norm: bool) -> None:
-    """Inputs packed token-major: ``q, k [T, H, K]``, ``v [T, HV, V]``, ``g, beta [T, HV]``,
-    ``out [T, HV, V]``; sequence n owns tokens ``cu[n]:cu[n+1]`` (``n * per_seq`` when ``cu`` is
-    empty)."""
+def _run_tokens(cache: KVBufferCache, slots, cu, per_seq: int, q, k, v, g, beta, *,
+                commit: bool, scale: float, use_qk_l2norm: bool) -> torch.Tensor:
+    """Inputs packed token-major: ``q, k [T, H, K]``, ``v [T, HV, V]``, ``g, beta [T, HV]``;
+    sequence n owns tokens ``cu[n]:cu[n+1]`` (``n * per_seq`` when ``cu`` is empty). Returns the
+    outputs ``[T, HV, V]`` in v's dtype."""
     pool = _pool(cache)
     for t, name in ((q, "q"), (k, "k"), (v, "v")):
         _check_unit_inner(t, name)
@@ -106,8 +106,8 @@ def _run_tokens(cache: KVBufferCache, slots, cu, per_seq: int, q, k, v, g, beta,
         g = g.to(acc)
     if beta.dtype != acc:
         beta = beta.to(acc)
-    extension().tokens(*pool, slots, cu, per_seq, q, k, v, g, beta, out, commit, float(scale),
-                       use_qk_l2norm)
+    return extension().tokens(*pool, slots, cu, per_seq, q, k, v, g, beta, commit, float(scale),
+                              use_qk_l2norm)
 
 
 def _flat_tokens(x: torch.Tensor) -> torch.Tensor:
@@ -116,26 +116,20 @@ def _flat_tokens(x: torch.Tensor) -> torch.Tensor:
 
 
 def decode(cache, slots, q, k, v, g, beta, *, scale, use_qk_l2norm):
-    out = torch.empty(v.shape, dtype=v.dtype)
-    _run_tokens(cache, slots, _NO_CU, 1, q, k, v, g, beta, out, commit=True, scale=scale,
-                use_qk_l2norm=use_qk_l2norm)
-    return out
+    return _run_tokens(cache, slots, _NO_CU, 1, q, k, v, g, beta, commit=True, scale=scale,
+                       use_qk_l2norm=use_qk_l2norm)
 
 
 def verify(cache, slots, q, k, v, g, beta, *, scale, use_qk_l2norm):
-    N, T = q.shape[:2]
-    out = torch.empty(v.shape, dtype=v.dtype)
-    _run_tokens(cache, slots, _NO_CU, T, *(_flat_tokens(x) for x in (q, k, v, g, beta)),
-                out.view((N * T,) + tuple(v.shape[2:])), commit=False, scale=scale,
-                use_qk_l2norm=use_qk_l2norm)
-    return out
+    T = q.shape[1]
+    out = _run_tokens(cache, slots, _NO_CU, T, *(_flat_tokens(x) for x in (q, k, v, g, beta)),
+                      commit=False, scale=scale, use_qk_l2norm=use_qk_l2norm)
+    return out.view(v.shape)
 
 
 def prefill(cache, slots, q, k, v, g, beta, cu_seqlens, *, scale, use_qk_l2norm):
-    out = torch.empty(v.shape, dtype=v.dtype)
-    _run_tokens(cache, slots, cu_seqlens, 0, q, k, v, g, beta, out, commit=True, scale=scale,
-                use_qk_l2norm=use_qk_l2norm)
-    return out
+    return _run_tokens(cache, slots, cu_seqlens, 0, q, k, v, g, beta, commit=True, scale=scale,
+                       use_qk_l2norm=use_qk_l2norm)
 
 
 def accept(cache, slots, num_accepted, *, use_qk_l2norm):
@@ -193,3 +187,7 @@ def conv_gates(conv_state, meta, meta_col: int, weight, bias, silu: bool, blocks
         has_initial_state if has_initial_state is not None else _NO_CU, keep_from, meta_value,
         A_log, dt_bias, a, b, float(beta_scale), y, g, beta)
     return y, g, beta
+
+
+def gates(A_log, dt_bias, a, b, *, beta_scale: float):
+    return extension().gates(A_log, dt_bias, a, b, beta_scale)

@@ -12,6 +12,7 @@ slot's length, or of the state of a slot that never flushed, goes through ``torc
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from .cache import META_HAS_STATE, META_LEN, META_PENDING, KVBufferCache
 from .recurrent import expand_k_heads, l2norm
@@ -207,3 +208,12 @@ def materialize_state(cache, slots, *, use_qk_l2norm):
                     dtype=cache.acc_dtype, device=cache.device)
     S[valid] = folded_state(cache, slots[valid].long(), use_qk_l2norm).transpose(-1, -2)
     return S
+
+
+def gates(A_log, dt_bias, a, b, *, beta_scale):
+    f = torch.promote_types(a.dtype, torch.float32)
+    g = -torch.exp(A_log.to(f)) * F.softplus(a.to(f) + dt_bias.to(f))
+    beta = torch.sigmoid(b.to(f))
+    if beta_scale != 1.0:
+        beta = beta * beta_scale
+    return g, beta

@@ -65,7 +65,10 @@ def check_tensor(t: Any, name: str, *, shape: tuple, dtypes: tuple | None = None
     on every kernel call, also in serving."""
     if not isinstance(t, torch.Tensor):
         check(False, name, "a torch.Tensor", type(t).__name__)
-    if t.dim() != len(shape) or any(e is not None and e != a for e, a in zip(shape, t.shape)):
+    ts = t.shape
+    # torch.Size == tuple is one C call; a pattern with None entries needs the loop.
+    if ts != shape and (len(ts) != len(shape)
+                        or any(e is not None and e != a for e, a in zip(shape, ts))):
         check(False, f"{name}.shape", tuple("*" if e is None else e for e in shape),
               tuple(t.shape))
     if dtypes is not None and t.dtype not in dtypes:

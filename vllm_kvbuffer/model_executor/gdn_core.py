@@ -82,11 +82,8 @@ def qkv_gates(p: GDNParams, y: torch.Tensor, b: torch.Tensor, a: torch.Tensor):
     """Split the conv output ``y [T, D]`` into q, k, v and compute the gates (in fp32 as the
     stock path computes them; float64 for float64 inputs)."""
     q, k, v = split_qkv(p, y)
-    f = _acc(a.dtype)
-    g = -torch.exp(p.A_log.to(f)) * F.softplus(a.to(f) + p.dt_bias.to(f))
-    beta = torch.sigmoid(b.to(f))
-    if p.beta_scale != 1.0:
-        beta = beta * p.beta_scale
+    g, beta = kernels.gdn_gates(p.A_log, p.dt_bias, a, b, beta_scale=p.beta_scale,
+                                backend=p.backend)
     return q, k, v, g, beta
 
 

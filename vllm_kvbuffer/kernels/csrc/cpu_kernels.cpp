@@ -4,14 +4,15 @@
 // Same semantics and in-place pool updates as torch_impl.py (the exact reference); the Python
 // side has validated every argument. Formulas: shared/design/kvbuffer-math.md.
 //
-// Layout of the work: one parallel loop over (sequence, value head) pairs on torch's intra-op
+// Layout of the work: one parallel loop over (sequence, key head) tasks on torch's intra-op
 // thread pool (at::parallel_for, the OpenMP pool vLLM's CPU worker sizes and binds to its cores).
-// A pair owns the state block state[slot, h] ([V, K], key-minor rows) and the u / G buffer rows of
-// its head, so pairs never write the same memory; raw keys (shared by the value heads of a key
-// head) and meta rows are stored after the parallel loop. Everything in the buffered form is
-// separable over value rows v: one pass over the state block computes S0^T k_hat and S0^T q_hat
-// for every new token (four rows per iteration, each key element loaded feeding several FMAs),
-// the corrected values and outputs follow from small per-pair coefficient tables, and a flush
+// A task owns the state blocks state[slot, h] ([V, K], key-minor rows) and the u / G buffer rows
+// of the key head's value heads, so tasks never write the same memory; raw keys and meta rows are
+// stored after the parallel loop. The normalised keys and queries and their dot products depend
+// only on the key head: a task computes them once for its value heads. Everything in the
+// buffered form is separable over value rows v: one pass over a state block computes S0^T k_hat
+// and S0^T q_hat for every new token (four rows per iteration, each key element loaded feeding
+// several FMAs), the corrected values and outputs follow from the dot table, and a flush
 // re-reads the block (still in the core's L2) to write
 // exp(G_m) S0 + sum_j exp(G_m - G_j) k_hat_j u_j^T in the state's dtype.
 //
@@ -29,6 +30,7 @@
 #include <immintrin.h>
 #endif
 #include <cstring>
+#include <tuple>
 #include <type_traits>
 #include <vector>
 
@@ -88,6 +90,25 @@ std::vector<int64_t> as_i64(const at::Tensor& t) {
   } else {
     const int64_t* p = t.data_ptr<int64_t>();
     for (int64_t i = 0; i < t.numel(); ++i) r[i] = p[i * t.stride(0)];
+  }
+  return r;
+}
+
+// A small 1-D float tensor (a layer's per-head parameters) in the accumulator type, read through
+// its stride: no tensor is allocated for the conversion.
+template <typename A>
+std::vector<A> as_acc(const at::Tensor& t) {
+  std::vector<A> r(t.numel());
+  const int64_t st = t.numel() > 1 ? t.stride(0) : 1;
+  auto fill = [&](auto* p) {
+    for (int64_t i = 0; i < t.numel(); ++i) r[i] = A(to_acc(p[i * st]));
+  };
+  switch (t.scalar_type()) {
+    case at::kBFloat16: fill(reinterpret_cast<const bf16*>(t.data_ptr())); break;
+    case at::kHalf: fill(reinterpret_cast<const _Float16*>(t.data_ptr())); break;
+    case at::kFloat: fill(reinterpret_cast<const float*>(t.data_ptr())); break;
+    case at::kDouble: fill(reinterpret_cast<const double*>(t.data_ptr())); break;
+    default: TORCH_CHECK_VALUE(false, "unsupported dtype ", t.scalar_type());
   }
   return r;
 }
@@ -211,7 +232,7 @@ inline __m512 load16(const _Float16* p) {
 
 // The fp32 state pass with explicit 16-lane accumulators (K a multiple of 16): eight dot
 // products in flight per pass over four rows, reduced once per row pair at the end.
-template <typename TS>
+template <bool PF, typename TS>
 int64_t state_dots_avx512(const TS* blk, int64_t rs, int64_t V, int64_t K, const float* vecs,
                           int64_t nvec, float* out) {
   int64_t v0 = 0;
@@ -226,7 +247,7 @@ int64_t state_dots_avx512(const TS* blk, int64_t rs, int64_t V, int64_t K, const
       __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
       __m512 b0 = a0, b1 = a0, b2 = a0, b3 = a0;
       for (int64_t kk = 0; kk < K; kk += 16) {
-        if (i == 0) {
+        if (PF && i == 0) {
           // The rows PF_ROWS ahead, one cache line per row and step: more misses in flight than
           // the hardware prefetcher keeps on its own (the block streams from L3 or memory).
           __builtin_prefetch(r0 + PF_ROWS * rs + kk);
@@ -258,13 +279,16 @@ int64_t state_dots_avx512(const TS* blk, int64_t rs, int64_t V, int64_t K, const
 }
 #endif
 
-template <typename TS, typename A>
+// out[i * V + v] = row(v) . vecs[i * K : +K] for V rows rs apart and nvec (even) vectors. PF:
+// software prefetch PF_ROWS rows ahead (a state block streaming from memory; not for the small
+// key tables that sit in L1).
+template <bool PF = true, typename TS, typename A>
 void state_dots(const TS* blk, int64_t rs, int64_t V, int64_t K, const A* vecs, int64_t nvec,
                 A* out) {
   int64_t v0 = 0;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<A, float>) {
-    if (K % 16 == 0) v0 = state_dots_avx512(blk, rs, V, K, vecs, nvec, out);
+    if (K % 16 == 0) v0 = state_dots_avx512<PF>(blk, rs, V, K, vecs, nvec, out);
   }
 #endif
   state_dots_generic(blk, rs, V, K, vecs, nvec, out, v0);
@@ -275,13 +299,13 @@ void state_dots(const TS* blk, int64_t rs, int64_t V, int64_t K, const A* vecs, 
 // 16-lane column block, the four accumulators stay in registers across the m buffered keys
 // (one key load feeds four FMAs).
 inline int64_t fold_rows_avx512(const float* src, int64_t rs, int64_t V, int64_t K, bool has,
-                                const float* KH, const float* U, int64_t m, float eGm,
+                                const float* KH, const float* U, int64_t us, int64_t m, float eGm,
                                 const float* w, float* dst, int64_t drs, float* coef) {
   int64_t v0 = 0;
   const __m512 eg = _mm512_set1_ps(eGm);
   for (; v0 + 4 <= V; v0 += 4) {
     for (int64_t j = 0; j < m; ++j)
-      for (int64_t r = 0; r < 4; ++r) coef[j * 4 + r] = w[j] * U[j * V + v0 + r];
+      for (int64_t r = 0; r < 4; ++r) coef[j * 4 + r] = w[j] * U[j * us + v0 + r];
     const float* s0 = src + v0 * rs;
     float* d0 = dst + v0 * drs;
     for (int64_t kk = 0; kk < K; kk += 16) {
@@ -315,10 +339,11 @@ inline int64_t fold_rows_avx512(const float* src, int64_t rs, int64_t V, int64_t
 // Fold the first m buffered rows into the state block src (rows rs apart; S0 is zero and never
 // read when !has): S_m = exp(G_m) S0 + sum_{j<m} exp(G_m - G_j) k_hat_j u_j^T, written to dst at
 // v * drs + k * dks (the block itself when flushing, an fla-layout [K, V] output for
-// materialize_state). KH [m, K], U [m, V] (row stride V), G [m]; scratch rows [4, K], w [m].
+// materialize_state). KH [m, K], U [m, V] (rows us apart), G [m]; scratch rows [4, K], w [m].
 template <typename TS, typename TD, typename A>
 void fold_rows(const TS* src, int64_t rs, int64_t V, int64_t K, bool has, const A* KH, const A* U,
-               const A* G, int64_t m, TD* dst, int64_t drs, int64_t dks, A* rows, A* w) {
+               int64_t us, const A* G, int64_t m, TD* dst, int64_t drs, int64_t dks, A* rows,
+               A* w) {
   A Gm = m > 0 ? G[m - 1] : A(0);
   A eGm = std::exp(Gm);
   for (int64_t j = 0; j < m; ++j) w[j] = std::exp(Gm - G[j]);
@@ -328,7 +353,7 @@ void fold_rows(const TS* src, int64_t rs, int64_t V, int64_t K, bool has, const 
                 std::is_same_v<A, float>) {
     // Its 4 x m coefficients live in the 4 x K scratch rows.
     if (dks == 1 && K % 16 == 0 && m <= K)
-      v0 = fold_rows_avx512(src, rs, V, K, has, KH, U, m, eGm, w, dst, drs, rows);
+      v0 = fold_rows_avx512(src, rs, V, K, has, KH, U, us, m, eGm, w, dst, drs, rows);
   }
 #endif
   A *r0 = rows, *r1 = rows + K, *r2 = rows + 2 * K, *r3 = rows + 3 * K;
@@ -350,7 +375,7 @@ void fold_rows(const TS* src, int64_t rs, int64_t V, int64_t K, bool has, const 
     }
     for (int64_t j = 0; j < m; ++j) {
       const A* kj = KH + j * K;
-      const A* uj = U + j * V + v0;
+      const A* uj = U + j * us + v0;
       A c0 = w[j] * uj[0], c1 = w[j] * uj[1], c2 = w[j] * uj[2], c3 = w[j] * uj[3];
 #pragma omp simd
       for (int64_t kk = 0; kk < K; ++kk) {
@@ -380,7 +405,7 @@ void fold_rows(const TS* src, int64_t rs, int64_t V, int64_t K, bool has, const 
       std::fill(r0, r0 + K, A(0));
     }
     for (int64_t j = 0; j < m; ++j) {
-      A c = w[j] * U[j * V + v];
+      A c = w[j] * U[j * us + v];
       const A* kj = KH + j * K;
 #pragma omp simd
       for (int64_t kk = 0; kk < K; ++kk) r0[kk] += c * kj[kk];
@@ -390,12 +415,16 @@ void fold_rows(const TS* src, int64_t rs, int64_t V, int64_t K, bool has, const 
   }
 }
 
-// Per-thread scratch of a pair.
+// Per-thread scratch of a task: key rows KH [B, K] and the new tokens' keys and queries QB
+// [2 nmax, K] with their dot table DT [2 nmax, B] (shared by the value heads of a key head); per
+// value head of the group, cumulative gates G [B] (and, for the folds outside tokens, u rows
+// U [B, V]).
 template <typename A>
 struct Scratch {
-  std::vector<A> KH, U, G, QB, R, orow, rows, w;
-  Scratch(int64_t B, int64_t nmax, int64_t K, int64_t V)
-      : KH(B * K), U(B * V), G(B), QB(2 * nmax * K), R(2 * nmax * V), orow(V), rows(4 * K), w(B) {}
+  std::vector<A> KH, U, G, QB, DT, R, uacc, oacc, rows, w;
+  Scratch(int64_t B, int64_t nmax, int64_t K, int64_t V, int64_t group = 1)
+      : KH(B * K), U(B * V), G(group * B), QB(2 * nmax * K), DT(2 * nmax * B),
+        R(2 * nmax * V), uacc(V), oacc(V), rows(4 * K), w(B) {}
 };
 
 // Token inputs: pointers and (token, head) element strides.
@@ -413,101 +442,116 @@ void strides2(const at::Tensor& t, int64_t* s) {
   s[1] = t.stride(1);
 }
 
-// Sequence n, value head h: tokens cu[n]:cu[n+1] continue slot slots[n] (see tokens_kernel).
+// Sequence n, key head kh and its GROUP = HV / H value heads: tokens cu[n]:cu[n+1] continue slot
+// slots[n]. What depends only on the keys (the normalised buffered and new keys, the queries and
+// every key-key and query-key dot product) is computed once for the group; each value head then
+// runs its state pass, its forward substitution and (when the buffer fills) its flush.
 template <typename TI, typename TS, typename A>
-void tokens_pair(int64_t n, int64_t h, const std::vector<int64_t>& slots,
-                 const std::vector<int64_t>& cu, bool commit, double scale, bool l2,
-                 const Pool<TI, TS, A>& P, const Tokens<TI, A>& X, Scratch<A>& W) {
-  const int64_t K = P.K, V = P.V, C = P.C;
+void tokens_group(int64_t n, int64_t kh, const std::vector<int64_t>& slots,
+                  const std::vector<int64_t>& cu, bool commit, double scale, bool l2,
+                  const Pool<TI, TS, A>& P, const Tokens<TI, A>& X, Scratch<A>& W) {
+  const int64_t K = P.K, V = P.V, C = P.C, B = P.B, GROUP = P.HV / P.H, h0 = kh * GROUP;
   const int64_t s = slots[n], t_lo = cu[n], t_hi = cu[n + 1];
   if (s < 0) {
-    for (int64_t t = t_lo; t < t_hi; ++t) {
-      TI* o = X.out + t * X.so[0] + h * X.so[1];
-      for (int64_t vv = 0; vv < V; ++vv) store(o + vv, 0.0f);
-    }
+    for (int64_t t = t_lo; t < t_hi; ++t)
+      for (int64_t h = h0; h < h0 + GROUP; ++h) {
+        TI* o = X.out + t * X.so[0] + h * X.so[1];
+        for (int64_t vv = 0; vv < V; ++vv) store(o + vv, 0.0f);
+      }
     return;
   }
-  const int64_t kh = h / (P.HV / P.H);
   int64_t L = P.mt(s, META_LEN);
   bool has = P.mt(s, META_HAS_STATE) != 0;
-  TS* blk = P.block(s, h);
   const int64_t rs = P.s_state[2];
-  A *KH = W.KH.data(), *U = W.U.data(), *G = W.G.data(), *QB = W.QB.data(), *R = W.R.data();
-  A* orow = W.orow.data();
   if (has) {
-    // Start streaming the block's first rows while the history rows load (state_dots keeps
-    // PF_ROWS rows ahead from there on).
+    // Start streaming the first block's first rows while the buffer rows load (state_dots keeps
+    // PF_ROWS rows ahead from there on, into the next head's block where blocks are adjacent).
+    const TS* blk = P.block(s, h0);
     const int64_t line = 64 / int64_t(sizeof(TS));
     for (int64_t v = 0; v < std::min<int64_t>(PF_ROWS, V); ++v)
       for (int64_t kk = 0; kk < K; kk += line) __builtin_prefetch(blk + v * rs + kk);
   }
-  for (int64_t j = 0; j < L; ++j) {
-    load_key(KH + j * K, P.key(s, j, kh), K, l2, 1.0);
-    std::memcpy(U + j * V, P.u(s, j, h), V * sizeof(A));
-    G[j] = P.g(s, j, h);
+  A *KH = W.KH.data(), *QB = W.QB.data(), *DT = W.DT.data(), *R = W.R.data();
+  A *uacc = W.uacc.data(), *oacc = W.oacc.data();
+  for (int64_t j = 0; j < L; ++j) load_key(KH + j * K, P.key(s, j, kh), K, l2, 1.0);
+  for (int64_t gi = 0; gi < GROUP; ++gi) {
+    A* G = W.G.data() + gi * B;
+    for (int64_t j = 0; j < L; ++j) G[j] = P.g(s, j, h0 + gi);
   }
+  const int64_t us = P.s_bu[1];  // u rows are read and written in the pool itself
   int64_t pos = t_lo;
   while (pos < t_hi) {
     const int64_t nseg = commit ? std::min(t_hi - pos, C - L) : t_hi - pos;
-    A Gp = L > 0 ? G[L - 1] : A(0);
+    const int64_t rows = L + nseg;
     for (int64_t t = 0; t < nseg; ++t) {
-      const int64_t tok = pos + t, i = L + t;
+      const int64_t tok = pos + t;
       load_key(QB + t * K, X.k + tok * X.sk[0] + kh * X.sk[1], K, l2, 1.0);
       load_key(QB + (nseg + t) * K, X.q + tok * X.sq[0] + kh * X.sq[1], K, l2, scale);
-      std::memcpy(KH + i * K, QB + t * K, K * sizeof(A));
-      Gp = Gp + X.g[tok * X.sg[0] + h * X.sg[1]];
-      G[i] = Gp;
+      std::memcpy(KH + (L + t) * K, QB + t * K, K * sizeof(A));
     }
-    if (has) state_dots(blk, rs, V, K, QB, 2 * nseg, R);
-    for (int64_t t = 0; t < nseg; ++t) {
-      const int64_t tok = pos + t, i = L + t;
-      const A eG = std::exp(G[i]);
-      const A bt = X.beta[tok * X.sb[0] + h * X.sb[1]];
-      const TI* vin = X.v + tok * X.sv[0] + h * X.sv[1];
-#pragma omp simd
-      for (int64_t vv = 0; vv < V; ++vv) orow[vv] = A(to_acc(vin[vv]));
-      if (has) {
-        const A* rk = R + t * V;
-#pragma omp simd
-        for (int64_t vv = 0; vv < V; ++vv) orow[vv] -= eG * rk[vv];
+    // DT[t * rows + j] = k_{L+t} . k_j, DT[(nseg + t) * rows + j] = q_t . k_j (the rectangle;
+    // the substitution reads its causal part).
+    state_dots<false>(KH, K, rows, K, QB, 2 * nseg, DT);
+    const bool flush = commit && rows >= C;
+    for (int64_t gi = 0; gi < GROUP; ++gi) {
+      const int64_t h = h0 + gi;
+      A *U = P.u(s, 0, h), *G = W.G.data() + gi * B;
+      TS* blk = P.block(s, h);
+      A Gp = L > 0 ? G[L - 1] : A(0);
+      for (int64_t t = 0; t < nseg; ++t) {
+        Gp = Gp + X.g[(pos + t) * X.sg[0] + h * X.sg[1]];
+        G[L + t] = Gp;
       }
-      // u_i = beta_i (v_i - exp(G_i) S0^T k_i - sum_{j<i} exp(G_i - G_j)(k_i.k_j) u_j):
-      // forward substitution of the block's unit lower-triangular system.
-      const A* ki = KH + i * K;
-      for (int64_t j = 0; j < i; ++j) {
-        const A c = std::exp(G[i] - G[j]) * dot(ki, KH + j * K, K);
-        const A* uj = U + j * V;
+      if (has) state_dots(blk, rs, V, K, QB, 2 * nseg, R);
+      for (int64_t t = 0; t < nseg; ++t) {
+        const int64_t tok = pos + t, i = L + t;
+        const A eG = std::exp(G[i]);
+        const A bt = X.beta[tok * X.sb[0] + h * X.sb[1]];
+        const TI* vin = X.v + tok * X.sv[0] + h * X.sv[1];
+        // u_i = beta_i (v_i - exp(G_i) S0^T k_i - sum_{j<i} exp(G_i - G_j)(k_i.k_j) u_j), the
+        // forward substitution of the block's unit lower-triangular system, and beside it
+        // o_i = exp(G_i) S0^T q_i + sum_{j<=i} exp(G_i - G_j)(q_i.k_j) u_j.
+        if (has) {
+          const A *rk = R + t * V, *rq = R + (nseg + t) * V;
 #pragma omp simd
-        for (int64_t vv = 0; vv < V; ++vv) orow[vv] -= c * uj[vv];
+          for (int64_t vv = 0; vv < V; ++vv) {
+            uacc[vv] = A(to_acc(vin[vv])) - eG * rk[vv];
+            oacc[vv] = eG * rq[vv];
+          }
+        } else {
+#pragma omp simd
+          for (int64_t vv = 0; vv < V; ++vv) {
+            uacc[vv] = A(to_acc(vin[vv]));
+            oacc[vv] = A(0);
+          }
+        }
+        const A *dk = DT + t * rows, *dq = DT + (nseg + t) * rows;
+        for (int64_t j = 0; j < i; ++j) {
+          const A e = std::exp(G[i] - G[j]);
+          const A ck = e * dk[j], cq = e * dq[j];
+          const A* uj = U + j * us;
+#pragma omp simd
+          for (int64_t vv = 0; vv < V; ++vv) {
+            uacc[vv] -= ck * uj[vv];
+            oacc[vv] += cq * uj[vv];
+          }
+        }
+        A* ui = U + i * us;
+        const A cs = dq[i];
+        TI* o = X.out + tok * X.so[0] + h * X.so[1];
+#pragma omp simd
+        for (int64_t vv = 0; vv < V; ++vv) {
+          ui[vv] = bt * uacc[vv];
+          store(o + vv, oacc[vv] + cs * ui[vv]);
+        }
+        P.g(s, i, h) = G[i];
       }
-      A* ui = U + i * V;
-#pragma omp simd
-      for (int64_t vv = 0; vv < V; ++vv) ui[vv] = bt * orow[vv];
-      // o_i = exp(G_i) S0^T q_i + sum_{j<=i} exp(G_i - G_j)(q_i.k_j) u_j
-      if (has) {
-        const A* rq = R + (nseg + t) * V;
-#pragma omp simd
-        for (int64_t vv = 0; vv < V; ++vv) orow[vv] = eG * rq[vv];
-      } else {
-        std::fill(orow, orow + V, A(0));
-      }
-      const A* qi = QB + (nseg + t) * K;
-      for (int64_t j = 0; j <= i; ++j) {
-        const A c = std::exp(G[i] - G[j]) * dot(qi, KH + j * K, K);
-        const A* uj = U + j * V;
-#pragma omp simd
-        for (int64_t vv = 0; vv < V; ++vv) orow[vv] += c * uj[vv];
-      }
-      TI* o = X.out + tok * X.so[0] + h * X.so[1];
-#pragma omp simd
-      for (int64_t vv = 0; vv < V; ++vv) store(o + vv, orow[vv]);
-      std::memcpy(P.u(s, i, h), ui, V * sizeof(A));
-      P.g(s, i, h) = G[i];
+      if (flush) fold_rows(blk, rs, V, K, has, KH, U, us, G, rows, blk, rs, int64_t(1),
+                           W.rows.data(), W.w.data());
     }
-    L += nseg;
+    L = rows;
     pos += nseg;
-    if (commit && L >= C) {
-      fold_rows(blk, rs, V, K, has, KH, U, G, L, blk, rs, int64_t(1), W.rows.data(), W.w.data());
+    if (flush) {
       has = true;
       L = 0;
     }
@@ -576,11 +620,13 @@ void tokens_impl(const at::Tensor& state, const at::Tensor& bk, const at::Tensor
     for (int64_t n = 0; n <= N; ++n) cu[n] = n * per_seq;
   }
   const int64_t nmax = commit ? P.C : P.B;
-  const int64_t grain = std::max<int64_t>(1, SERIAL_BELOW / std::max<int64_t>(1, P.K * P.V));
-  at::parallel_for(0, N * P.HV, grain, [&](int64_t lo, int64_t hi) {
-    Scratch<A> W(P.B, nmax, P.K, P.V);
+  const int64_t group = P.HV / P.H;
+  const int64_t grain =
+      std::max<int64_t>(1, SERIAL_BELOW / std::max<int64_t>(1, group * P.K * P.V));
+  at::parallel_for(0, N * P.H, grain, [&](int64_t lo, int64_t hi) {
+    Scratch<A> W(P.B, nmax, P.K, P.V, group);
     for (int64_t p = lo; p < hi; ++p)
-      tokens_pair<TI, TS, A>(p / P.HV, p % P.HV, slots, cu, commit, scale, l2, P, X, W);
+      tokens_group<TI, TS, A>(p / P.H, p % P.H, slots, cu, commit, scale, l2, P, X, W);
   });
   tokens_finish<TI, TS, A>(slots, cu, commit, P, X);
 }
@@ -617,10 +663,10 @@ void fold_impl(const Pool<TI, TS, A>& P, const std::vector<int64_t>& slots,
       TS* blk = P.block(s, h);
       const int64_t rs = P.s_state[2];
       if (to_state) {
-        fold_rows(blk, rs, V, K, has, W.KH.data(), W.U.data(), W.G.data(), m, blk, rs,
+        fold_rows(blk, rs, V, K, has, W.KH.data(), W.U.data(), V, W.G.data(), m, blk, rs,
                   int64_t(1), W.rows.data(), W.w.data());
       } else {
-        fold_rows(blk, rs, V, K, has, W.KH.data(), W.U.data(), W.G.data(), m,
+        fold_rows(blk, rs, V, K, has, W.KH.data(), W.U.data(), V, W.G.data(), m,
                   dst + n * dst_st[0] + h * dst_st[1], dst_st[3], dst_st[2], W.rows.data(),
                   W.w.data());
       }
@@ -695,6 +741,25 @@ inline float exp_vec(float x) {
 }
 inline double exp_vec(double x) { return std::exp(x); }
 
+// Gates of rows [r0, r1): g = -exp(A_log) softplus(a + dt_bias) (softplus(z) = z above 20, as
+// torch's), beta = beta_scale sigmoid(b), written to g, beta [rows, HV] (contiguous).
+template <typename T, typename A>
+inline void gate_rows(int64_t r0, int64_t r1, int64_t HV, const T* ap, int64_t a0, int64_t a1,
+                      const T* bp, int64_t b0, int64_t b1, const A* alp, const A* dtp,
+                      double beta_scale, A* gp, A* bt) {
+  for (int64_t r = r0; r < r1; ++r) {
+    for (int64_t h = 0; h < HV; ++h) {
+      const A z = A(to_acc(ap[r * a0 + h * a1])) + dtp[h];
+      const A sp = z > A(20) ? z : std::log1p(std::exp(z));
+      gp[r * HV + h] = -std::exp(alp[h]) * sp;
+      const A bz = A(to_acc(bp[r * b0 + h * b1]));
+      A sg = A(1) / (A(1) + std::exp(-bz));
+      if (beta_scale != 1.0) sg = sg * A(beta_scale);
+      bt[r * HV + h] = sg;
+    }
+  }
+}
+
 // -- the layer's causal conv and gates -------------------------------------------------------
 // Row n holds tokens cu[n]:cu[n+1] of x (uniform rows: cu[n] = n * Tn) and continues slot
 // blocks[n] (block <= 0: padding, vLLM's null block; its outputs are computed from slot 0's
@@ -738,10 +803,9 @@ void conv_gates_impl(const at::Tensor& conv, const at::Tensor& meta, int64_t met
   const T* xp = ptr<T>(x);
   const int64_t x0 = x.stride(0), x1 = x.stride(1);
   T* yp = ptr<T>(y);
-  const at::Tensor Al = A_log_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const at::Tensor dt = dt_bias_t.to(c10::CppTypeToScalarType<A>::value).contiguous();
-  const A* alp = Al.data_ptr<A>();
-  const A* dtp = dt.data_ptr<A>();
+  const std::vector<A> Al = as_acc<A>(A_log_t), dt = as_acc<A>(dt_bias_t);
+  const A* alp = Al.data();
+  const A* dtp = dt.data();
   const T* ap = ptr<T>(a);
   const T* bp = ptr<T>(b);
   const int64_t a0 = a.stride(0), a1 = a.stride(1), b0 = b.stride(0), b1 = b.stride(1);
@@ -825,17 +889,7 @@ void conv_gates_impl(const at::Tensor& conv, const at::Tensor& meta, int64_t met
         }
       }
       if (valid) mt[sc * m0 + meta_col * m1] = int32_t(meta_value);
-      for (int64_t r = t0; r < t0 + nt; ++r) {
-        for (int64_t h = 0; h < HV; ++h) {
-          const A z = A(to_acc(ap[r * a0 + h * a1])) + dtp[h];
-          const A sp = z > A(20) ? z : std::log1p(std::exp(z));
-          gp[r * HV + h] = -std::exp(alp[h]) * sp;
-          const A bz = A(to_acc(bp[r * b0 + h * b1]));
-          A sg = A(1) / (A(1) + std::exp(-bz));
-          if (beta_scale != 1.0) sg = sg * A(beta_scale);
-          bt[r * HV + h] = sg;
-        }
-      }
+      gate_rows(t0, t0 + nt, HV, ap, a0, a1, bp, b0, b1, alp, dtp, beta_scale, gp, bt);
     }
   });
 }
@@ -861,6 +915,40 @@ void conv_gates(const at::Tensor& conv, const at::Tensor& meta, int64_t meta_col
 #undef KVB_CONV
 }
 
+// The gates alone (kernels.gdn_gates): a, b [N, HV] in T; returns g, beta [N, HV] in A.
+template <typename T, typename A>
+std::tuple<at::Tensor, at::Tensor> gates_impl(const at::Tensor& A_log_t,
+                                              const at::Tensor& dt_bias_t, const at::Tensor& a,
+                                              const at::Tensor& b, double beta_scale) {
+  const int64_t N = a.size(0), HV = a.size(1);
+  const auto opts = a.options().dtype(c10::CppTypeToScalarType<A>::value);
+  at::Tensor g = at::empty({N, HV}, opts), beta = at::empty({N, HV}, opts);
+  const std::vector<A> Al = as_acc<A>(A_log_t), dt = as_acc<A>(dt_bias_t);
+  const A *alp = Al.data(), *dtp = dt.data();
+  const T* ap = ptr<T>(a);
+  const T* bp = ptr<T>(b);
+  const int64_t a0 = a.stride(0), a1 = a.stride(1), b0 = b.stride(0), b1 = b.stride(1);
+  A* gp = ptr<A>(g);
+  A* bt = ptr<A>(beta);
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(1, HV));
+  at::parallel_for(0, N, grain, [&](int64_t lo, int64_t hi) {
+    gate_rows(lo, hi, HV, ap, a0, a1, bp, b0, b1, alp, dtp, beta_scale, gp, bt);
+  });
+  return {g, beta};
+}
+
+std::tuple<at::Tensor, at::Tensor> gates(const at::Tensor& A_log, const at::Tensor& dt_bias,
+                                         const at::Tensor& a, const at::Tensor& b,
+                                         double beta_scale) {
+  switch (a.scalar_type()) {
+    case at::kBFloat16: return gates_impl<bf16, float>(A_log, dt_bias, a, b, beta_scale);
+    case at::kHalf: return gates_impl<_Float16, float>(A_log, dt_bias, a, b, beta_scale);
+    case at::kFloat: return gates_impl<float, float>(A_log, dt_bias, a, b, beta_scale);
+    case at::kDouble: return gates_impl<double, double>(A_log, dt_bias, a, b, beta_scale);
+    default: TORCH_CHECK_VALUE(false, "a.dtype: unsupported ", a.scalar_type());
+  }
+}
+
 // (input dtype, state dtype) -> the instantiation; the accumulator is float64 for a float64 state.
 #define KVB_STATE_CASES(TI, FN, ...)                                                     \
   switch (state.scalar_type()) {                                                         \
@@ -879,13 +967,20 @@ void conv_gates(const at::Tensor& conv, const at::Tensor& meta, int64_t meta_col
     default: TORCH_CHECK_VALUE(false, "buf_k.dtype: unsupported ", bk.scalar_type());       \
   }
 
-void tokens(const at::Tensor& state, const at::Tensor& bk, const at::Tensor& bu,
-            const at::Tensor& bg, const at::Tensor& meta, int64_t chunk, const at::Tensor& slots,
-            const at::Tensor& cu, int64_t per_seq, const at::Tensor& q, const at::Tensor& k,
-            const at::Tensor& v, const at::Tensor& g, const at::Tensor& beta,
-            const at::Tensor& out, bool commit, double scale, bool l2) {
-  KVB_DISPATCH(tokens_impl, state, bk, bu, bg, meta, chunk, slots, cu, per_seq, q, k, v, g, beta,
-               out, commit, scale, l2)
+// Returns the outputs [T, HV, V] in v's dtype (allocated here: a torch.empty from Python costs
+// more than the whole kernel call at small shapes).
+at::Tensor tokens(const at::Tensor& state, const at::Tensor& bk, const at::Tensor& bu,
+                  const at::Tensor& bg, const at::Tensor& meta, int64_t chunk,
+                  const at::Tensor& slots, const at::Tensor& cu, int64_t per_seq,
+                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                  const at::Tensor& g, const at::Tensor& beta, bool commit, double scale,
+                  bool l2) {
+  at::Tensor out = at::empty(v.sizes(), v.options());
+  [&]() {
+    KVB_DISPATCH(tokens_impl, state, bk, bu, bg, meta, chunk, slots, cu, per_seq, q, k, v, g,
+                 beta, out, commit, scale, l2)
+  }();
+  return out;
 }
 
 void accept(const at::Tensor& state, const at::Tensor& bk, const at::Tensor& bu,
@@ -907,6 +1002,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("accept", &accept, "commit accepted tokens and flush the slots that reach chunk_size");
   m.def("materialize", &materialize, "the exact state of each slot, fla layout [N, HV, K, V]");
   m.def("conv_gates", &conv_gates, "the layer's causal conv (window update) and gates");
+  m.def("gates", &gates, "g = -exp(A_log) softplus(a + dt_bias), beta = beta_scale sigmoid(b)");
   m.def("exp_vec", [](const at::Tensor& x) {  // the SiLU's exp, for its accuracy test
     TORCH_CHECK_VALUE(x.scalar_type() == at::kFloat && x.is_contiguous(), "x: contiguous fp32");
     at::Tensor y = at::empty_like(x);
