@@ -58,8 +58,7 @@ def _resolve_backend_on(backend: str, device: torch.device, what: str) -> str:
     if backend == "cpu":
         if device.type != "cpu":
             raise NotImplementedError(f"backend='cpu' needs CPU tensors; {what} is on {device}")
-        from . import cpu_impl
-        cpu_impl.extension()  # a missing compiler surfaces here, not inside a kernel call
+        _cpu_impl().extension()  # a missing compiler surfaces here, not inside a kernel call
     if backend == "triton":
         if not _triton_usable(device):
             raise NotImplementedError(
@@ -69,12 +68,23 @@ def _resolve_backend_on(backend: str, device: torch.device, what: str) -> str:
     return backend
 
 
+_CPU_IMPL = None
+
+
+def _cpu_impl():
+    """The CPU backend's module, imported on first use (it imports no compiler until then)."""
+    global _CPU_IMPL
+    if _CPU_IMPL is None:
+        from . import cpu_impl
+        _CPU_IMPL = cpu_impl
+    return _CPU_IMPL
+
+
 def _impl(backend: str):
     if backend == "torch":
         return torch_impl
     if backend == "cpu":
-        from . import cpu_impl
-        return cpu_impl
+        return _cpu_impl()
     from . import triton
     return triton
 
@@ -298,6 +308,5 @@ def gdn_gates(A_log: torch.Tensor, dt_bias: torch.Tensor, a: torch.Tensor, b: to
           "a positive finite float", beta_scale)
     be = _resolve_backend_on(backend, a.device, "a")
     if be == "cpu" and b.dtype == a.dtype:
-        from . import cpu_impl
-        return cpu_impl.gates(A_log, dt_bias, a, b, beta_scale=float(beta_scale))
+        return _cpu_impl().gates(A_log, dt_bias, a, b, beta_scale=float(beta_scale))
     return torch_impl.gates(A_log, dt_bias, a, b, beta_scale=float(beta_scale))

@@ -28,7 +28,6 @@ import threading
 import torch
 
 from .cache import KVBufferCache
-from .validation import check
 
 SOURCE = pathlib.Path(__file__).with_name("csrc") / "cpu_kernels.cpp"
 CFLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=fast", "-fno-math-errno"]
@@ -77,17 +76,9 @@ def build_directory() -> str:
     return _get_build_directory(extension_name(), verbose=False)
 
 
-def _check_unit_inner(t: torch.Tensor, name: str) -> None:
-    if t.stride(-1) != 1 and t.shape[-1] > 1:
-        check(False, f"{name}.stride(-1)", "1 (unit stride in the last dim)", t.stride(-1))
-
-
 def _pool(cache: KVBufferCache) -> tuple:
-    """The pool tensors (the kernels index rows as contiguous runs: unit inner strides)."""
-    ts = (cache.state, cache.buf_k, cache.buf_u, cache.buf_g, cache.meta)
-    for t, name in zip(ts, ("state", "buf_k", "buf_u", "buf_g")):
-        _check_unit_inner(t, f"cache.{name}")
-    return ts + (cache.chunk_size,)
+    """The pool tensors (the extension checks that their rows are contiguous runs)."""
+    return (cache.state, cache.buf_k, cache.buf_u, cache.buf_g, cache.meta, cache.chunk_size)
 
 
 _NO_CU = torch.empty(0, dtype=torch.int64)
@@ -99,8 +90,6 @@ def _run_tokens(cache: KVBufferCache, slots, cu, per_seq: int, q, k, v, g, beta,
     sequence n owns tokens ``cu[n]:cu[n+1]`` (``n * per_seq`` when ``cu`` is empty). Returns the
     outputs ``[T, HV, V]`` in v's dtype."""
     pool = _pool(cache)
-    for t, name in ((q, "q"), (k, "k"), (v, "v")):
-        _check_unit_inner(t, name)
     acc = cache.acc_dtype
     if g.dtype != acc:
         g = g.to(acc)

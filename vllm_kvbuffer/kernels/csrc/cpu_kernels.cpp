@@ -113,6 +113,13 @@ std::vector<A> as_acc(const at::Tensor& t) {
   return r;
 }
 
+// The kernels read rows as contiguous runs: a ValueError naming the tensor otherwise (before
+// anything is written).
+void check_inner(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.dim() == 0 || t.size(-1) <= 1 || t.stride(-1) == 1, name,
+                    ".stride(-1): expected 1 (unit stride in the last dim), got ", t.stride(-1));
+}
+
 // The slot pool: pointers and element strides.
 template <typename TI, typename TS, typename A>
 struct Pool {
@@ -127,6 +134,10 @@ struct Pool {
   Pool(const at::Tensor& st, const at::Tensor& k, const at::Tensor& u, const at::Tensor& g,
        const at::Tensor& m, int64_t chunk)
       : state(ptr<TS>(st)), bk(ptr<TI>(k)), bu(ptr<A>(u)), bg(ptr<A>(g)), meta(ptr<int32_t>(m)) {
+    check_inner(st, "cache.state");
+    check_inner(k, "cache.buf_k");
+    check_inner(u, "cache.buf_u");
+    check_inner(g, "cache.buf_g");
     for (int i = 0; i < 3; ++i) {
       s_state[i] = st.stride(i);
       s_bk[i] = k.stride(i);
@@ -603,6 +614,9 @@ void tokens_impl(const at::Tensor& state, const at::Tensor& bk, const at::Tensor
                  const at::Tensor& g, const at::Tensor& beta, const at::Tensor& out, bool commit,
                  double scale, bool l2) {
   Pool<TI, TS, A> P(state, bk, bu, bg, meta, chunk);
+  check_inner(q, "q");
+  check_inner(k, "k");
+  check_inner(v, "v");
   Tokens<TI, A> X{ptr<TI>(q), ptr<TI>(k), ptr<TI>(v), ptr<A>(g), ptr<A>(beta), ptr<TI>(out)};
   strides2<TI>(q, X.sq);
   strides2<TI>(k, X.sk);
