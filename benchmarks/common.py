@@ -380,6 +380,16 @@ def cpu_read_bandwidth(nbytes: int, reps: int = 5) -> float:
     return nbytes / (ms * 1e-3)
 
 
+def cpu_inplace_bandwidth(nbytes: int, reps: int = 5) -> float:
+    """Bytes per second of updating ``nbytes`` in place (``mul_``: each line read, then written
+    back), counting each byte once: what vLLM's decode does to a state. Its ratio to
+    :func:`cpu_read_bandwidth` is what the write half costs on this machine (2 where reads and
+    write-backs share one limit, near 1 where a core's read stream is the limit)."""
+    a = torch.rand(nbytes // 4)
+    ms = cpu_time_ms(lambda: a.mul_(1.0), reps, warmup=1)
+    return nbytes / (ms * 1e-3)
+
+
 def cpu_machine() -> dict:
     """CPU model, cores visible to this process, threads torch uses, last-level cache, load."""
     model = platform.processor() or platform.machine()

@@ -26,4 +26,5 @@ def test_bench_cpu_smoke(tmp_path):
         assert r["kvbuffer_rel_err"] < 1e-2 and r["vllm_rel_err"] < 1e-2, r
         assert r["kvbuffer_ms"] > 0 and r["vllm_ms"] > 0 and r["ratio"] > 0 and r["ratio_min"] > 0
     assert res["copy_bandwidth_Bps"] > 0 and res["first_call"]["first_calls_s"] >= 0
+    assert res["read_bandwidth_Bps"] > 0 and res["inplace_over_read_time"] > 0
     assert res["first_call"]["openmp_runtimes_added"] == 0    # it runs on torch's OpenMP runtime
