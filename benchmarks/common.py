@@ -264,6 +264,55 @@ def plot(result: dict, out_png: pathlib.Path, *, x: str, series: dict, title: st
     return out_png
 
 
+def svg_bar_chart(path: pathlib.Path, title: str, panels: list) -> pathlib.Path:
+    """A grouped bar chart as a standalone SVG (no plotting library needed). ``panels``: a list
+    of ``(panel title, category labels, {series label: values per category})``; every value is
+    printed above its bar."""
+    colours = ("#4e79a7", "#f28e2b", "#59a14f", "#e15759", "#76b7b2", "#edc948")
+    pw, ph, top, bottom, left = 460, 300, 50, 60, 50
+    width = pw * len(panels)
+
+    def esc(t) -> str:
+        return str(t).replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+    out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{ph + 40}" '
+           f'font-family="sans-serif" font-size="11">',
+           '<rect width="100%" height="100%" fill="white"/>',
+           f'<text x="{width / 2}" y="18" text-anchor="middle" font-size="14">{esc(title)}</text>']
+    for i, (ptitle, cats, series) in enumerate(panels):
+        x0, h = i * pw + left, ph - top - bottom
+        vmax = max([v for vals in series.values() for v in vals if v == v] + [1e-9]) * 1.15
+        out.append(f'<text x="{i * pw + pw / 2}" y="{top - 12}" text-anchor="middle" '
+                   f'font-size="12">{esc(ptitle)}</text>')
+        out.append(f'<line x1="{x0}" y1="{top + h}" x2="{x0 + pw - left - 10}" y2="{top + h}" '
+                   f'stroke="black"/>')
+        gw = (pw - left - 10) / max(len(cats), 1)
+        bw = 0.8 * gw / max(len(series), 1)
+        for c, cat in enumerate(cats):
+            out.append(f'<text x="{x0 + c * gw + gw / 2}" y="{top + h + 16}" '
+                       f'text-anchor="middle">{esc(cat)}</text>')
+            for j, vals in enumerate(series.values()):
+                v = vals[c]
+                if v != v:                       # NaN: a failed configuration, no bar
+                    continue
+                bh = h * v / vmax
+                bx = x0 + c * gw + 0.1 * gw + j * bw
+                out.append(f'<rect x="{bx:.1f}" y="{top + h - bh:.1f}" width="{bw:.1f}" '
+                           f'height="{bh:.1f}" fill="{colours[j % len(colours)]}"/>')
+                out.append(f'<text x="{bx + bw / 2:.1f}" y="{top + h - bh - 3:.1f}" '
+                           f'text-anchor="middle" font-size="9">{v:.3g}</text>')
+        for j, name in enumerate(series):
+            ly = top + h + 30 + 12 * (j // 2)
+            lx = x0 + (j % 2) * 190
+            out.append(f'<rect x="{lx}" y="{ly - 8}" width="10" height="10" '
+                       f'fill="{colours[j % len(colours)]}"/>')
+            out.append(f'<text x="{lx + 14}" y="{ly + 1}">{esc(name)}</text>')
+    out.append("</svg>")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(out) + "\n")
+    return path
+
+
 def add_common_args(ap) -> None:
     ap.add_argument("--smoke", action="store_true",
                     help="tiny shapes on the CPU (TRITON_INTERPRET=1), checked against float64")

@@ -46,3 +46,20 @@ def test_documented_commands_use_the_module_form():
         assert not re.search(r"python3? benchmarks/\w+\.py", text), doc.name
     session = (BENCH / "gpu_session.sh").read_text()
     assert len(re.findall(r"python3 -m benchmarks\.\w+", session)) >= 5
+
+
+def test_svg_bar_chart_draws_every_value(tmp_path):
+    """The serve benchmark's plot: a well-formed SVG with one bar and one label per value (none
+    for a failed configuration's NaN), no plotting library needed."""
+    import xml.etree.ElementTree as ET
+
+    from benchmarks import common
+    path = common.svg_bar_chart(tmp_path / "p.svg", "t <&>", [
+        ("tokens/s", ["16", "64"], {"stock": [1.0, 2.0], "kvbuffer": [3.0, float("nan")]}),
+        ("TPOT", ["16", "64"], {"stock": [4.5, 5.5], "kvbuffer": [6.0, 7.0]})])
+    root = ET.parse(path).getroot()
+    ns = "{http://www.w3.org/2000/svg}"
+    bars = [r for r in root.iter(f"{ns}rect") if r.get("width") not in ("100%", "10")]
+    assert len(bars) == 7
+    labels = {t.text for t in root.iter(f"{ns}text")}
+    assert {"1", "2", "3", "4.5", "5.5", "6", "7", "t <&>", "stock", "kvbuffer"} <= labels
