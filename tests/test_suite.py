@@ -34,3 +34,17 @@ def test_xdist_loadgroup_keeps_a_group_on_one_worker(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     ran_on = workers.read_text().split()
     assert len(ran_on) == 6 and len(set(ran_on)) == 1, ran_on
+
+
+def test_engine_launcher_forks_across_tests():
+    """Engines fork from the session's launcher (vLLM imported once) whenever the environment
+    differs only in variables read at use: ``VLLM_*``, ``RAY_*`` and pytest's own
+    (``PYTEST_CURRENT_TEST`` names the running test, so it differs between any two tests). Any
+    other difference gets a fresh interpreter."""
+    from tests.utils import _EngineLauncher
+    launcher = _EngineLauncher()
+    launcher.env = {"PATH": "/bin", "PYTEST_CURRENT_TEST": "a.py::t (call)", "VLLM_X": "1"}
+    assert launcher.forkable({"PATH": "/bin", "PYTEST_CURRENT_TEST": "b.py::u (setup)",
+                              "VLLM_X": "2", "RAY_DEDUP_LOGS": "0"})
+    assert not launcher.forkable({"PATH": "/bin", "PYTEST_CURRENT_TEST": "a.py::t (call)",
+                                  "VLLM_X": "1", "OMP_NUM_THREADS": "2"})

@@ -144,7 +144,9 @@ class _EngineLauncher:
     #: Variables read when they are used, not when a library loads: a child may set them
     #: differently from the launcher. Any other difference (``OMP_NUM_THREADS``, ``LD_PRELOAD``,
     #: ``NUMBA_*``, ...: read by libraries the launcher has loaded) gets a plain subprocess.
-    LATE_READ_PREFIXES = ("VLLM_", "RAY_")
+    #: ``PYTEST_*``: pytest's own (``PYTEST_CURRENT_TEST`` names the running test, so it differs
+    #: between any two tests), read by no library.
+    LATE_READ_PREFIXES = ("VLLM_", "RAY_", "PYTEST_")
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
