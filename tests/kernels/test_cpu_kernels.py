@@ -332,3 +332,19 @@ def test_gdn_gates_errors():
         gdn_gates(w, w, a, b, beta_scale=0)
     with pytest.raises(ValueError, match="backend: expected one of"):
         gdn_gates(w, w, a, b, backend="gpu")
+
+
+def test_extension_builds_with_the_interpreters_ninja(monkeypatch, tmp_path):
+    """Whichever PATH a process has (virtual environment activated or not), the build runs the
+    same ninja: the one beside the interpreter when there is one, else PATH's."""
+    import sys
+
+    from vllm_kvbuffer.kernels import cpu_impl
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    monkeypatch.setattr(sys, "executable", str(bindir / "python"))
+    monkeypatch.setenv("PATH", f"/usr/bin:{bindir}:/bin")
+    assert cpu_impl._ninja_first_path() == f"/usr/bin:{bindir}:/bin"      # no ninja there
+    (bindir / "ninja").write_text("#!/bin/sh\n")
+    (bindir / "ninja").chmod(0o755)
+    assert cpu_impl._ninja_first_path() == f"{bindir}:/usr/bin:/bin"

@@ -22,7 +22,9 @@ test workers) wait on torch's build lock and load the same build.
 from __future__ import annotations
 
 import hashlib
+import os
 import pathlib
+import sys
 import threading
 
 import torch
@@ -56,6 +58,19 @@ def extension_name() -> str:
     return f"vllm_kvbuffer_cpu_{_cpu_tag()}"
 
 
+def _ninja_first_path() -> str:
+    """``PATH`` with the interpreter's own ``bin`` folder first when it holds ``ninja`` (the pip
+    package vLLM depends on). torch runs whichever ``ninja`` comes first on ``PATH``, and two
+    ninja versions record different command hashes in the build's log, so each would rebuild
+    what the other built (half a minute each time) depending on whether the virtual environment
+    happens to be activated."""
+    path = os.environ.get("PATH", "")
+    bindir = os.path.dirname(sys.executable)
+    if os.access(os.path.join(bindir, "ninja"), os.X_OK):
+        return os.pathsep.join([bindir] + [p for p in path.split(os.pathsep) if p != bindir])
+    return path
+
+
 def extension():
     """The compiled extension (built or loaded on the first call, then memoised)."""
     global _EXT
@@ -64,8 +79,16 @@ def extension():
     with _LOCK:
         if _EXT is None:
             from torch.utils.cpp_extension import load
-            _EXT = load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS,
-                        extra_ldflags=["-fopenmp"], verbose=False)
+            before = os.environ.get("PATH")
+            os.environ["PATH"] = _ninja_first_path()
+            try:
+                _EXT = load(name=extension_name(), sources=[str(SOURCE)], extra_cflags=CFLAGS,
+                            extra_ldflags=["-fopenmp"], verbose=False)
+            finally:
+                if before is None:
+                    os.environ.pop("PATH", None)
+                else:
+                    os.environ["PATH"] = before
     return _EXT
 
 
