@@ -175,9 +175,10 @@ def _warm_logprobs() -> None:
 
 
 def serve() -> None:
-    """The launcher loop: one JSON request per stdin line (``spec``, ``env``, ``cwd``, ``stdout``,
-    ``stderr``, ``timeout``), one JSON reply per stdout line (``returncode``, ``timed_out``,
-    ``cpu_s``: the child's CPU seconds)."""
+    """The launcher loop: once ready, one line with its environment after its imports
+    (``ready``, ``env``); then one JSON request per stdin line (``spec``, ``env``, ``cwd``,
+    ``stdout``, ``stderr``, ``timeout``), one JSON reply per stdout line (``returncode``,
+    ``timed_out``, ``cpu_s``: the child's CPU seconds)."""
     import signal
     import time
 
@@ -192,6 +193,9 @@ def serve() -> None:
     import vllm.entrypoints.llm  # noqa: F401  (imported for the children, see above)
 
     _warm_logprobs()
+    # The environment the children start from (vLLM's import sets a few variables itself).
+    reply.write(json.dumps({"ready": True, "env": dict(os.environ)}) + "\n")
+    reply.flush()
     for line in sys.stdin:
         request = json.loads(line)
         reply.flush()

@@ -38,13 +38,21 @@ def test_xdist_loadgroup_keeps_a_group_on_one_worker(tmp_path):
 
 def test_engine_launcher_forks_across_tests():
     """Engines fork from the session's launcher (vLLM imported once) whenever the environment
-    differs only in variables read at use: ``VLLM_*``, ``RAY_*`` and pytest's own
-    (``PYTEST_CURRENT_TEST`` names the running test, so it differs between any two tests). Any
-    other difference gets a fresh interpreter."""
+    differs from the launcher's start only in variables read at use (``VLLM_*``, ``RAY_*``,
+    pytest's own: ``PYTEST_CURRENT_TEST`` differs between any two tests) or in those that
+    importing vLLM sets (this process may import vLLM after the launcher started). Any other
+    difference gets a fresh interpreter."""
     from tests.utils import _EngineLauncher
     launcher = _EngineLauncher()
-    launcher.env = {"PATH": "/bin", "PYTEST_CURRENT_TEST": "a.py::t (call)", "VLLM_X": "1"}
-    assert launcher.forkable({"PATH": "/bin", "PYTEST_CURRENT_TEST": "b.py::u (setup)",
-                              "VLLM_X": "2", "RAY_DEDUP_LOGS": "0"})
-    assert not launcher.forkable({"PATH": "/bin", "PYTEST_CURRENT_TEST": "a.py::t (call)",
-                                  "VLLM_X": "1", "OMP_NUM_THREADS": "2"})
+    started = {"PATH": "/bin", "PYTEST_CURRENT_TEST": "a.py::t (call)", "VLLM_X": "1",
+               "LD_LIBRARY_PATH": "/lib"}
+    launcher.set_env(started, dict(started, LD_LIBRARY_PATH="/cv2:/lib",
+                                   TORCHINDUCTOR_COMPILE_THREADS="1"))
+    assert launcher.unforkable(dict(started, PYTEST_CURRENT_TEST="b.py::u (setup)",
+                                    VLLM_X="2", RAY_DEDUP_LOGS="0")) == []
+    # This process imported vLLM since: the same variables, set the same way.
+    assert launcher.unforkable(dict(started, LD_LIBRARY_PATH="/cv2:/lib",
+                                    TORCHINDUCTOR_COMPILE_THREADS="1")) == []
+    assert launcher.unforkable(dict(started, OMP_NUM_THREADS="2")) == ["OMP_NUM_THREADS"]
+    assert launcher.unforkable(dict(started, TORCHINDUCTOR_COMPILE_THREADS="4")) == \
+        ["TORCHINDUCTOR_COMPILE_THREADS"]

@@ -150,28 +150,51 @@ class _EngineLauncher:
 
     def __init__(self):
         self.proc: subprocess.Popen | None = None
-        self.env: dict[str, str] = {}
+        self.env: dict[str, str] = {}           # the environment it was started with
+        self.imported: dict[str, str] = {}      # variables its own imports set (vLLM's)
         self.folder = ROOT / ".cache" / "tmp" / f"engines-{os.getpid()}"
 
     def _start(self) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.env = dict(os.environ)
         self.proc = subprocess.Popen([sys.executable, "-m", "tests.engine_run", "--serve"],
                                      stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                      stderr=open(self.folder / "launcher.log", "w"), text=True,
-                                     cwd=str(ROOT), env=self.env)
+                                     cwd=str(ROOT), env=os.environ.copy())
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError("the engine launcher died:\n"
+                               + (self.folder / "launcher.log").read_text()[-4000:])
+        self.set_env(dict(os.environ), json.loads(line)["env"])
 
-    def forkable(self, env: dict) -> bool:
-        changed = {k for k in env.keys() | self.env.keys() if env.get(k) != self.env.get(k)}
-        return all(k.startswith(self.LATE_READ_PREFIXES) for k in changed)
+    def set_env(self, started: dict, after_import: dict) -> None:
+        self.env = started
+        self.imported = {k: v for k, v in after_import.items() if started.get(k) != v}
+
+    def unforkable(self, env: dict) -> list[str]:
+        """The variables that keep a child forked from the launcher from seeing what a fresh
+        interpreter given ``env`` would (empty: fork). Allowed differences from the launcher's
+        start: late-read variables, and those importing vLLM sets (the same in both, whether or
+        not this process has imported vLLM since the launcher started)."""
+        bad = []
+        for k in sorted(env.keys() | self.env.keys()):
+            v = env.get(k)
+            if v == self.env.get(k) or k.startswith(self.LATE_READ_PREFIXES):
+                continue
+            if k in self.imported and v in (None, self.imported[k]):
+                continue
+            bad.append(k)
+        return bad
 
     def run(self, spec: dict, env: dict, timeout: int) -> subprocess.CompletedProcess:
         if self.proc is None or self.proc.poll() is not None:
             self._start()
-        if not self.forkable(env):
-            return subprocess.run([sys.executable, "-m", "tests.engine_run", json.dumps(spec)],
+        unforkable = self.unforkable(env)
+        if unforkable:
+            proc = subprocess.run([sys.executable, "-m", "tests.engine_run", json.dumps(spec)],
                                   capture_output=True, text=True, timeout=timeout, env=env,
                                   cwd=str(ROOT))
+            proc.unforkable = unforkable
+            return proc
         name = uuid.uuid4().hex[:8]
         out, err = self.folder / f"{name}.out", self.folder / f"{name}.err"
         request = {"spec": spec, "env": env, "cwd": str(ROOT), "stdout": str(out),
