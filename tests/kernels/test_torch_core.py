@@ -10,6 +10,7 @@ from vllm_kvbuffer.kernels import (
     prefill,
     recurrent_gated_delta_rule,
     reset_slots,
+    set_value_checks,
 )
 from vllm_kvbuffer.kernels.cache import META_HAS_STATE, META_LEN
 
@@ -172,7 +173,8 @@ def test_long_decode_drift():
         Sbf = Sbf32.to(torch.bfloat16)
         errbf = max(errbf, rel_err(obf, o64))
         for key, c in caches.items():
-            o = decode(c, slots, q, k, v, g, b, backend="torch")
+            with set_value_checks(False):   # numerics only here (the checks: test_validation.py)
+                o = decode(c, slots, q, k, v, g, b, backend="torch")
             err[key] = max(err[key], rel_err(o, o64))
             if t % 512 == 511:
                 err[key] = max(err[key], rel_err(materialize_state(c, slots, backend="torch"),
