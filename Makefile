@@ -38,7 +38,7 @@ lint: setup
 # tiny-model engine steps, which on 2 cores run twice as fast side by side, and two OpenMP teams
 # on the same 2 cores would spin-wait on each other (the shared server keeps vLLM's own count).
 # Exit status 5 is pytest's "no tests selected" (a PYTEST_ARGS path holding only one kind).
-XDIST := -n 2 --dist loadgroup
+XDIST := -n 2 --dist loadgroup --no-loadscope-reorder
 test: setup lint
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" $(XDIST) $(PYTEST_ARGS) || [ $$? -eq 5 ]
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m slow $(XDIST) $(PYTEST_ARGS) || [ $$? -eq 5 ]

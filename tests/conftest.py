@@ -57,6 +57,11 @@ def _xdist_groups(items) -> dict[str, str]:
             for item in items}
 
 
+def _starts_ray(item) -> bool:
+    marker = item.get_closest_marker("xdist_group")
+    return "ray_cluster" in item.fixturenames or (marker is not None and "ray" in marker.args)
+
+
 @pytest.hookimpl(tryfirst=True)   # before pytest-xdist's own hook reads the groups
 def pytest_collection_modifyitems(config, items):
     """Tests marked ``gpu`` (``pytest.mark.gpu(reason=...)``) are skipped, with the marker's
@@ -67,6 +72,11 @@ def pytest_collection_modifyitems(config, items):
     (:func:`_xdist_groups`), and the rest spreads over both workers test by test.
     """
     groups = _xdist_groups(items)
+    # The groups that start a Ray cluster are the longest chain of the second pass: scheduled
+    # first (``--no-loadscope-reorder`` keeps this order), they do not leave one worker alone
+    # at the end.
+    first = {groups[item.nodeid] for item in items if _starts_ray(item)}
+    items.sort(key=lambda item: groups[item.nodeid] not in first)     # stable
     for item in items:
         # xdist joins every xdist_group name a test carries: keep only the merged group's.
         item.own_markers = [m for m in item.own_markers if m.name != "xdist_group"]
