@@ -120,6 +120,8 @@ class Harness:
         for (blk, _, fresh) in rows:
             if fresh:
                 self.streams.pop(blk, None)
+                self.tentative.pop(blk, None)
+        pos = self.positions([r[0] for r in rows])
         x = torch.cat([t[0] for t in toks])
         b = torch.cat([t[1] for t in toks])
         a = torch.cat([t[2] for t in toks])
@@ -129,7 +131,7 @@ class Harness:
         has_init = torch.tensor([not f for _, _, f in rows])
         before = self.snapshot()
         out = gdn_core.varlen_rows(self.cache, self.conv, self.p, blocks, cu, n_dec, has_init,
-                                   x, b, a)
+                                   x, b, a, pos)
         self.check_untouched(before, blocks)
         for i, (blk, _n, _) in enumerate(rows):
             s, e = int(cu[i]), int(cu[i + 1])
@@ -149,24 +151,23 @@ class Harness:
             self.compare(out[i:i + 1], self.expect(blk, x[i:i + 1], b[i:i + 1], a[i:i + 1]))
             self.commit(blk, x[i:i + 1], b[i:i + 1], a[i:i + 1])
 
-    def _accepted(self, blocks):
-        """Sampler's verdict on each row's previous verify; commits the accepted prefixes."""
-        acc = []
+    def positions(self, blocks):
+        """The sampler's verdict on each row's previous verify (a random accepted prefix,
+        committed to the reference stream), and the rows' positions as vLLM reports them: the
+        tokens each request has computed (committed) before this step."""
         for blk in blocks:
             tent = self.tentative.pop(blk, None) if blk > 0 else None
-            if tent is None:
-                acc.append(1)             # vLLM's value for rows with nothing pending
-                continue
-            m = self.rng.randint(1, tent[0].shape[0])
-            acc.append(m)
-            self.commit(blk, *(t[:m] for t in tent))
-        return torch.tensor(acc, dtype=torch.int32)
+            if tent is not None:
+                m = self.rng.randint(1, tent[0].shape[0])
+                self.commit(blk, *(t[:m] for t in tent))
+        ctx = [len(self.streams.get(blk, ([],))[0]) if blk > 0 else 0 for blk in blocks]
+        return gdn_core.RowPositions(torch.tensor(ctx, dtype=torch.int32))
 
     def spec(self, rows):
         """rows: (block, T); uniform if all T equal (graph-safe path) else varlen."""
         blocks = [r[0] for r in rows]
         lens = [r[1] for r in rows]
-        acc = self._accepted(blocks)
+        pos = self.positions(blocks)
         toks = [self.tokens(n) for n in lens]
         x = torch.cat([t[0] for t in toks])
         b = torch.cat([t[1] for t in toks])
@@ -174,11 +175,11 @@ class Harness:
         blocks_t = torch.tensor(blocks, dtype=torch.int64)
         before = self.snapshot()
         if len(set(lens)) == 1:
-            out = gdn_core.spec_rows_uniform(self.cache, self.conv, self.p, blocks_t, acc,
+            out = gdn_core.spec_rows_uniform(self.cache, self.conv, self.p, blocks_t, pos,
                                              x, b, a, lens[0])
         else:
             cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32)
-            out = gdn_core.spec_rows_varlen(self.cache, self.conv, self.p, blocks_t, acc, cu,
+            out = gdn_core.spec_rows_varlen(self.cache, self.conv, self.p, blocks_t, pos, cu,
                                             x, b, a)
         self.check_untouched(before, blocks)
         start = 0
@@ -200,7 +201,11 @@ def _scenario(h: Harness) -> None:
         h.spec([(3, 1), (5, D + 1), (7, 2), (8, 3)])
     for _ in range(3):                                               # back to uniform
         h.spec([(8, 2), (7, 2), (0, 2), (3, 2), (5, 2)])
-    committed = {blk: len(s[0]) for blk, s in h.streams.items()}
+    # Requests with tentative tokens come back as plain rows (a prompt tail, a resumed request)
+    # and commit by position first; a new request reuses a page that held tentative tokens.
+    h.varlen([(8, 1, False), (3, 4, False), (7, 6, True)])
+    h.spec([(8, D + 1), (3, D + 1), (7, D + 1), (5, D + 1)])
+    committed = {blk: len(s[0]) for blk, s in h.streams.items() if blk != 7}   # 7: restarted
     assert min(committed.values()) >= 2 * C, committed              # several flushes each
 
 
@@ -287,7 +292,7 @@ def test_graph_safe_paths_do_not_sync(backend):
     blocks = torch.tensor([2, 0, 4], dtype=torch.int64)
     x, b, a = h.tokens(3)
     xs, bs, as_ = h.tokens(3 * (D + 1))
-    acc = torch.ones(3, dtype=torch.int32)
+    pos = gdn_core.RowPositions(torch.tensor([9, 0, 3], dtype=torch.int32))
     if backend == "torch":
         # Kernel calls are host-side references here: run them outside the detector.
         real = {n: getattr(kernels, n) for n in ("decode", "verify", "accept")}
@@ -305,10 +310,77 @@ def test_graph_safe_paths_do_not_sync(backend):
             setattr(kernels, n, f)
         with HostSyncDetector() as det:
             gdn_core.decode_rows(h.cache, h.conv, h.p, blocks, x, b, a)
-            gdn_core.spec_rows_uniform(h.cache, h.conv, h.p, blocks, acc, xs, bs, as_, D + 1)
-            gdn_core.spec_rows_uniform(h.cache, h.conv, h.p, blocks, acc + 1, xs, bs, as_,
-                                       D + 1)
+            gdn_core.spec_rows_uniform(h.cache, h.conv, h.p, blocks, pos, xs, bs, as_, D + 1)
+            pos = gdn_core.RowPositions(pos.context_lens + 2)
+            gdn_core.spec_rows_uniform(h.cache, h.conv, h.p, blocks, pos, xs, bs, as_, D + 1)
     finally:
         for n, f in real.items():
             setattr(kernels, n, f)
     assert det.hits == [], f"host syncs / data-dependent shapes: {sorted(set(det.hits))}"
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("cpu", torch.float64)])
+def test_commit_outside_verified_tokens_is_an_error(backend, dtype):
+    """A position that moved by 0 or by more than the T verified tokens since the verify is an
+    error naming the slot and the values (eager rows) or a device-side assert (graph-safe rows),
+    raised before anything is written."""
+    h = Harness(backend, dtype, seed=4)
+    h.varlen([(2, 5, True), (4, 3, True)])
+    h.spec([(2, D + 1), (4, D + 1)])                   # verified at positions 5 and 3
+    x, b, a = h.tokens(2 * (D + 1))
+    blocks = torch.tensor([2, 4], dtype=torch.int64)
+    cu = torch.tensor([0, D + 1, 2 * (D + 1)], dtype=torch.int32)
+    for ctx in ([5 + D + 2, 4], [5, 4]):               # 5 > T = 4 tokens; 0 tokens
+        before = h.snapshot()
+        pos = gdn_core.RowPositions(torch.tensor(ctx, dtype=torch.int32))
+        with pytest.raises(ValueError, match=r"tokens to commit: expected 1\.\.T .*slot 2: "
+                                             rf"{ctx[0] - 5} \(T={D + 1}"):
+            gdn_core.spec_rows_varlen(h.cache, h.conv, h.p, blocks, pos, cu, x, b, a)
+        with pytest.raises(RuntimeError, match="tokens to commit outside 1..T"):
+            gdn_core.spec_rows_uniform(h.cache, h.conv, h.p, blocks, pos, x, b, a, D + 1)
+        for name, x0, x1 in zip(("state", "buf_k", "buf_u", "buf_g", "meta", "conv"), before,
+                                h.snapshot()):
+            assert torch.equal(x0.nan_to_num(7.0), x1.nan_to_num(7.0)), name
+
+
+@pytest.mark.parametrize("backend,dtype", [("torch", torch.float64), ("cpu", torch.float64)])
+def test_verify_reaching_a_block_boundary_snapshots_the_boundary_block(backend, dtype):
+    """Align mode: a verify whose tokens reach the next block boundary B copies the slot whole
+    into B's block; a request continuing from that block (a prefix-cache hit, computed = B)
+    commits exactly the tokens up to B by position, and its outputs equal float64 over the
+    committed stream. A rejected run that falls short of B leaves the next verify to copy again;
+    rows whose boundary block is their own slot copy nothing."""
+    h = Harness(backend, dtype, seed=5)
+    bs, run, boundary, other = 8, 3, 6, 9
+    h.varlen([(run, 5, True), (other, 2, True)])
+    for step in range(2):
+        ctx = len(h.streams[run][0])
+        x, b, a = h.tokens(D + 1)
+        xo, bo, ao = h.tokens(D + 1)
+        pos = gdn_core.RowPositions(
+            torch.tensor([ctx, len(h.streams[other][0])], dtype=torch.int32),
+            boundary_pos=torch.tensor([bs, bs], dtype=torch.int32),
+            boundary_blocks=torch.tensor([boundary, other], dtype=torch.int64))
+        before = h.snapshot()
+        gdn_core.spec_rows_uniform(h.cache, h.conv, h.p, torch.tensor([run, other]), pos,
+                                   torch.cat([x, xo]), torch.cat([b, bo]), torch.cat([a, ao]),
+                                   D + 1)
+        h.check_untouched(before, [run, other, boundary])
+        for name, t in zip(("state", "buf_k", "buf_u", "buf_g", "meta", "conv"),
+                           (h.cache.state, h.cache.buf_k, h.cache.buf_u, h.cache.buf_g,
+                            h.cache.meta, h.conv)):
+            assert torch.equal(t[boundary].nan_to_num(7.0), t[run].nan_to_num(7.0)), name
+        if step == 0:                                   # rejected before B: 5 + 1 < 8
+            h.commit(run, x[:1], b[:1], a[:1])
+            h.commit(other, xo[:1], bo[:1], ao[:1])
+    # the run from 6 reaches B = 8 with its first 2 tokens: a request continuing from the
+    # boundary block has computed 8 tokens: the stream's first 6 plus x[:2].
+    prefix = tuple(list(t) + list(u[:2]) for t, u in zip(h.streams[run], (x, b, a)))
+    assert len(prefix[0]) == bs
+    h.streams[boundary] = prefix
+    xn, bn, an = h.tokens(3)
+    out = gdn_core.varlen_rows(h.cache, h.conv, h.p, torch.tensor([boundary]),
+                               torch.tensor([0, 3], dtype=torch.int32), 0,
+                               torch.tensor([True]), xn, bn, an,
+                               gdn_core.RowPositions(torch.tensor([bs], dtype=torch.int32)))
+    h.compare(out, h.expect(boundary, xn, bn, an))

@@ -21,6 +21,25 @@ The conv cache holds ``W-1+D`` input columns per slot (vLLM's shape). Its commit
 window and the new inputs, the oldest ``drop`` dropped to fit) and marks the slot pending as
 ``-(drop + 1)``; the accept at the start of the next step turns that into offset ``m - drop``
 (``m``: tokens accepted).
+
+**Commits come from positions.** A verify records in ``meta[:, META_VERIFY_POS]`` how many tokens
+the request had computed when it started (``c_v``). At the request's next step vLLM's metadata
+says how many it has computed now (``c``: the accepted tokens were counted, the rejected ones
+taken back), so ``m = c - c_v`` tokens are committed, whatever vLLM's ``num_accepted_tokens``
+says for the row: that count is reset to 1 by align-mode copies, by async scheduling for rows
+that were not in the previous batch, and for requests re-added to the persistent batch.
+``m`` outside ``1..T`` (``T`` tentative tokens) is an error, never a silent commit.
+
+**Block boundaries (prefix caching, vLLM's align mode).** vLLM caches the linear state of a
+request at every multiple ``B`` of its block size, in the block that ends there, and copies the
+running slot whole into the next block when the request moves on. A slot whose committed tokens
+end at ``c_v <= B`` and whose tentative tokens (the verified ones) reach ``B`` describes the state
+at ``B`` exactly: whoever continues from it commits ``B - c_v`` tokens by position, like any
+other commit. So when a verify reaches the next boundary and the slot running it is not the
+boundary's block, the boundary's block gets a copy of the slot (whole-slot copy, no per-draft
+state). If drafts before ``B`` are rejected, the next verify reaches ``B`` again and copies again;
+vLLM caches the block only once the request's computed tokens have passed ``B``, that is after
+the verify whose tokens up to ``B`` were all accepted.
 """
 
 from __future__ import annotations
@@ -33,8 +52,30 @@ import torch.nn.functional as F
 from .. import kernels
 from ..kernels.cache import META_PENDING, KVBufferCache
 
-# meta column the layer owns (the kernels never touch it): the conv window's offset.
+# meta columns the layer owns (the kernels never touch them): the conv window's offset, and the
+# request's computed-token count when its pending verify started (c_v; see the module docstring).
 META_CONV = 3
+META_VERIFY_POS = 4
+
+
+@dataclass(frozen=True)
+class RowPositions:
+    """Where each row of a step stands in its request, from vLLM's metadata (device tensors).
+
+    ``context_lens [N]``: tokens the request had computed before this step's first token.
+    Align mode (prefix caching) with drafts also gives ``boundary_pos [N]``, the first multiple of
+    the block size above ``context_lens``, and ``boundary_blocks [N]``, the block id that caches
+    the state there (``<= 0``: none).
+    """
+
+    context_lens: torch.Tensor
+    boundary_pos: torch.Tensor | None = None
+    boundary_blocks: torch.Tensor | None = None
+
+    def rows(self, index) -> "RowPositions":
+        """The positions of the rows ``index`` selects (a slice, a mask or an index tensor)."""
+        return RowPositions(*(None if t is None else t[index] for t in
+                              (self.context_lens, self.boundary_pos, self.boundary_blocks)))
 
 
 @dataclass(frozen=True)
@@ -177,40 +218,98 @@ def decode_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
         return kernels.decode(cache, slots, q, k, v, g, beta, backend=p.backend)
 
 
-def accept_pending(cache: KVBufferCache, slots: torch.Tensor,
-                   num_accepted: torch.Tensor, backend: str) -> None:
-    """Commit what the sampler accepted last step (accepted drafts + 1) in the slots that still
-    hold tentative tokens (the others come straight from a prefill or hold none), and move their
-    conv windows to the accepted position. Graph-safe."""
+def _commit_counts(cache: KVBufferCache, slots: torch.Tensor, context_lens: torch.Tensor,
+                   *, detailed: bool):
+    """Per row: whether its slot holds tentative tokens, and how many of them the request's
+    position says were accepted (``m = c - c_v``; 1 where nothing is pending). ``m`` outside
+    ``1..T`` raises: ``detailed`` names the rows (host reads), otherwise a device-side assert
+    (graph-safe)."""
     valid = slots >= 0
     slots_c = slots.clamp(min=0).long()
     meta = cache.meta
-    pending = valid & (meta[slots_c, META_PENDING] > 0)
-    acc = num_accepted.to(torch.int32)
+    tentative = meta[slots_c, META_PENDING]
+    pending = valid & (tentative > 0)
+    m = context_lens.to(torch.int32) - meta[slots_c, META_VERIFY_POS]
+    ok = ~pending | ((m >= 1) & (m <= tentative))
+    if detailed:
+        bad = (~ok).nonzero().flatten().tolist()
+        if bad:
+            rows = [f"slot {int(slots[i])}: {int(m[i])} (T={int(tentative[i])}, computed "
+                    f"{int(context_lens[i])}, verified at {int(meta[slots_c[i], META_VERIFY_POS])})"
+                    for i in bad[:8]]
+            raise ValueError("KVBuffer: tokens to commit: expected 1..T (the request's computed "
+                             "tokens minus those at its verify of T tokens), got " + str(rows))
+    else:
+        torch._assert_async(ok.all(), "KVBuffer: tokens to commit outside 1..T (the request's "
+                            "computed-token count moved by more than its verified tokens or not "
+                            "at all); set VLLM_KVBUFFER_VALUE_CHECKS=1 with --enforce-eager for "
+                            "the rows")
+    return pending, torch.where(pending, m, 1)
+
+
+def snapshot_boundaries(cache: KVBufferCache, conv_state: torch.Tensor, slots: torch.Tensor,
+                        pos: RowPositions, lens: torch.Tensor) -> None:
+    """Align mode, after a verify of ``lens [N]`` tokens per row: where the tokens reach the
+    next block boundary and the boundary's block is not the slot itself, copy the whole slot
+    (state, buffer, cursors, conv window) into it (module docstring). Eager: the rows are chosen
+    on the host."""
+    reach = ((slots >= 0) & (pos.boundary_blocks > 0) & (pos.boundary_blocks != slots)
+             & (pos.boundary_pos - pos.context_lens <= lens))
+    rows = reach.nonzero().flatten()
+    if rows.numel() == 0:
+        return
+    src = slots[rows].long()
+    dst = pos.boundary_blocks[rows].long()
+    for t in (conv_state, cache.state, cache.buf_k, cache.buf_u, cache.buf_g, cache.meta):
+        t[dst] = t[src]
+
+
+def _accept_rows(cache: KVBufferCache, slots: torch.Tensor, pending: torch.Tensor,
+                 m: torch.Tensor, backend: str) -> None:
+    """Commit ``m`` tentative tokens in the slots where ``pending`` and move their conv windows
+    to the accepted position (``off = -(drop + 1)`` while pending: the window of the accepted
+    prefix starts at ``m - drop``). Graph-safe."""
+    slots_c = slots.clamp(min=0).long()
     with kernels.set_value_checks(False):
-        kernels.accept(cache, torch.where(pending, slots, -1), acc, backend=backend)
-    off = meta[slots_c, META_CONV]
-    # off = -(drop + 1) while pending; the window of the accepted prefix starts at m - drop.
-    _masked_row_write(meta, (slots_c, META_CONV), pending, acc + off + 1)
+        kernels.accept(cache, torch.where(pending, slots, -1), m, backend=backend)
+    off = cache.meta[slots_c, META_CONV]
+    _masked_row_write(cache.meta, (slots_c, META_CONV), pending, m + off + 1)
+
+
+def accept_pending(cache: KVBufferCache, conv_state: torch.Tensor, slots: torch.Tensor,
+                   pos: RowPositions, backend: str, *, detailed: bool = False) -> None:
+    """Commit, in the slots that still hold tentative tokens (the others come straight from a
+    prefill or hold none), what the sampler accepted at their last verify, derived from the
+    request's position (module docstring). Graph-safe unless ``detailed``."""
+    pending, m = _commit_counts(cache, slots, pos.context_lens, detailed=detailed)
+    _accept_rows(cache, slots, pending, m, backend)
+
+
+def _record_verify(cache: KVBufferCache, slots_c: torch.Tensor, valid: torch.Tensor,
+                   context_lens: torch.Tensor) -> None:
+    """Remember where each verified row's request stood (``c_v``), for the next commit."""
+    _masked_row_write(cache.meta, (slots_c, META_VERIFY_POS), valid,
+                      context_lens.to(cache.meta.dtype))
 
 
 def spec_rows_uniform(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
-                      blocks: torch.Tensor, num_accepted: torch.Tensor, x: torch.Tensor,
+                      blocks: torch.Tensor, pos: RowPositions, x: torch.Tensor,
                       b: torch.Tensor, a: torch.Tensor, T: int) -> torch.Tensor:
     """Speculative rows, each with the same ``T`` tokens (last accepted token + T-1 drafts);
-    graph-safe.
+    graph-safe (align mode's boundary snapshots excepted).
 
     Args:
-        blocks: ``[N]`` block ids (``<= 0``: padding). num_accepted: ``[N]`` tokens the sampler
-            accepted of each request's previous verify (accepted drafts + 1).
+        blocks: ``[N]`` block ids (``<= 0``: padding). pos: the rows' positions
+            (:class:`RowPositions`, ``N`` rows).
         x: ``[N*T, Dc]`` row-major by request; b, a: ``[N*T, HV]``.
 
-    Returns ``[N*T, HV, V]``. Commits the previous step's accepted prefix, then scores the ``T``
-    tokens tentatively with ``verify`` (no state written, no per-draft slots).
+    Returns ``[N*T, HV, V]``. Commits the previous verify's accepted prefix, then scores the
+    ``T`` tokens tentatively with ``verify`` (no state written, no per-draft slots).
     """
     N, W = blocks.shape[0], p.width
     slots = block_slots(blocks)
-    accept_pending(cache, slots, num_accepted[:N], p.backend)
+    accept_pending(cache, conv_state, slots, pos, p.backend)
+    _record_verify(cache, slots.clamp(min=0).long(), slots >= 0, pos.context_lens)
     if _native_conv_gates(p, conv_state, x, b, a):
         drop = max(0, W - 1 + T - conv_state.shape[1])
         q, k, v, g, beta = _conv_gates_native(cache, conv_state, p, blocks, x, b, a, T=T,
@@ -218,6 +317,7 @@ def spec_rows_uniform(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNPara
         with kernels.set_value_checks(False):
             o = kernels.verify(cache, slots, *(t.reshape(N, T, *t.shape[1:])
                                                for t in (q, k, v, g, beta)), backend=p.backend)
+        _after_verify(cache, conv_state, slots, pos, T)
         return o.reshape(N * T, *o.shape[2:])
     valid = slots >= 0
     slots_c = slots.clamp(min=0).long()
@@ -235,7 +335,13 @@ def spec_rows_uniform(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNPara
     with kernels.set_value_checks(False):
         o = kernels.verify(cache, slots, *(t.reshape(N, T, *t.shape[1:])
                                            for t in (q, k, v, g, beta)), backend=p.backend)
+    _after_verify(cache, conv_state, slots, pos, T)
     return o.reshape(N * T, *o.shape[2:])
+
+
+def _after_verify(cache, conv_state, slots, pos: RowPositions, lens) -> None:
+    if pos.boundary_blocks is not None:
+        snapshot_boundaries(cache, conv_state, slots, pos, lens)
 
 
 # -- eager paths (host reads allowed: vLLM never captures these batches) -----------------------
@@ -282,12 +388,15 @@ def _window(conv_state, meta, slot: int, has_initial_state: bool, W: int):
 def varlen_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
                 blocks: torch.Tensor, cu_seqlens: torch.Tensor, num_decodes: int,
                 has_initial_state: torch.Tensor | None, x: torch.Tensor, b: torch.Tensor,
-                a: torch.Tensor) -> torch.Tensor:
+                a: torch.Tensor, pos: RowPositions | None = None) -> torch.Tensor:
     """Decodes (first ``num_decodes`` rows, one token each) followed by prefill chunks (eager).
 
     Args:
         blocks: ``[R]`` block ids; cu_seqlens: ``[R+1]`` token boundaries in x;
         has_initial_state: ``[R]`` bool (rows ``>= num_decodes`` are read) or None (all decodes).
+        pos: the rows' positions, with speculative decoding: a continuing row whose slot still
+            holds tentative tokens (a request that verified drafts and comes back as a plain
+            row) commits them first.
     """
     R, W = blocks.shape[0], p.width
     n_dec = num_decodes
@@ -301,6 +410,8 @@ def varlen_rows(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
     fresh = [s for s, h in zip(slot_list, has_init) if s >= 0 and not h]
     if fresh:
         kernels.reset_slots(cache, torch.tensor(fresh, dtype=torch.int32, device=slots.device))
+    if pos is not None and cache.max_draft_tokens:
+        accept_pending(cache, conv_state, slots, pos, p.backend, detailed=True)
     if _native_conv_gates(p, conv_state, x, b, a):
         cont = [s for s, h in zip(slot_list, has_init) if s >= 0 and h]
         if cont and int(cache.meta[cont, META_CONV].min()) < 0:
@@ -339,13 +450,14 @@ def _varlen_kernels(cache, slots, cu_seqlens, n_dec, R, cu, q, k, v, g, beta, p)
 
 
 def spec_rows_varlen(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParams,
-                     blocks: torch.Tensor, num_accepted: torch.Tensor, cu_seqlens: torch.Tensor,
+                     blocks: torch.Tensor, pos: RowPositions, cu_seqlens: torch.Tensor,
                      x: torch.Tensor, b: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """Speculative rows with different numbers of tokens (eager): as :func:`spec_rows_uniform`,
     verify grouped by length."""
     n, W = blocks.shape[0], p.width
     slots = block_slots(blocks)
-    accept_pending(cache, slots, num_accepted[:n], p.backend)
+    accept_pending(cache, conv_state, slots, pos, p.backend, detailed=True)
+    _record_verify(cache, slots.clamp(min=0).long(), slots >= 0, pos.context_lens)
     slot_list = slots.tolist()
     cu = cu_seqlens[: n + 1].tolist()
     windows = [None if s < 0 else _window(conv_state, cache.meta, s, True, W) for s in slot_list]
@@ -373,4 +485,6 @@ def spec_rows_varlen(cache: KVBufferCache, conv_state: torch.Tensor, p: GDNParam
                              for t in (q, k, v, g, beta)),
                            backend=p.backend)
         out[tok] = o.reshape(len(members) * T, *o.shape[2:])
+    _after_verify(cache, conv_state, slots, pos,
+                  torch.tensor(lens, dtype=torch.int32, device=slots.device))
     return out

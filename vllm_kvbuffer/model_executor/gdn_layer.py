@@ -34,6 +34,7 @@ from .. import kernels
 from ..config import KVBufferSettings
 from . import gdn_core
 from .cache_spec import cache_from_layer_states, kvbuffer_state_dtypes, kvbuffer_state_shapes
+from .gdn_metadata import KVBufferGDNAttentionBackend
 
 
 class KVBufferGDNLayerMixin:
@@ -77,6 +78,10 @@ class KVBufferGDNLayerMixin:
 
     def get_state_dtype(self):
         return tuple(super().get_state_dtype()) + kvbuffer_state_dtypes(self.model_config.dtype)
+
+    def get_attn_backend(self):
+        # vLLM's GDN metadata plus each row's position, from which commits are derived.
+        return KVBufferGDNAttentionBackend
 
     def get_kv_cache_spec(self, vllm_config):
         # One state plus its buffer per request: no per-draft state slots. This is the capacity
@@ -167,10 +172,10 @@ def forward_with_metadata(m, cache, conv_state: torch.Tensor, p: gdn_core.GDNPar
             # Rows past num_spec_decodes are vLLM's CUDA-graph padding (null block).
             rows = spec_idx.shape[0] // T
             out = gdn_core.spec_rows_uniform(cache, conv_state, p, blocks[:rows],
-                                             m.num_accepted_tokens[:rows], x, bb, aa, T)
+                                             m.spec_positions(rows), x, bb, aa, T)
         else:
             out = gdn_core.spec_rows_varlen(cache, conv_state, p, blocks[:n],
-                                            m.num_accepted_tokens[:n],
+                                            m.spec_positions(n),
                                             m.spec_query_start_loc, x, bb, aa)
         core_attn_out[spec_idx] = out.to(core_attn_out.dtype)
     rows = m.num_decodes + m.num_prefills
@@ -187,5 +192,6 @@ def forward_with_metadata(m, cache, conv_state: torch.Tensor, p: gdn_core.GDNPar
         else:
             out = gdn_core.varlen_rows(cache, conv_state, p, blocks[:rows],
                                        m.non_spec_query_start_loc, m.num_decodes,
-                                       m.has_initial_state, x, bb, aa)
+                                       m.has_initial_state, x, bb, aa,
+                                       m.non_spec_positions().rows(slice(0, rows)))
         core_attn_out[idx] = out.to(core_attn_out.dtype)
