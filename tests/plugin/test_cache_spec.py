@@ -56,7 +56,7 @@ def _layer_states(tp, H, HV, K, V, C, D, model_dtype, num_blocks, pad):
 def test_shapes_dtypes_and_offsets_qwen3_next_80b():
     shapes = kvbuffer_state_shapes(tp_size=4, num_k_heads=16, num_v_heads=32, head_k_dim=128,
                                    head_v_dim=128, chunk_size=16, max_draft_tokens=4)
-    assert shapes == ((20, 8, 128), (20, 8), (4,), (20, 4, 128))
+    assert shapes == ((20, 8, 128), (20, 8), (8,), (20, 4, 128))
     assert kvbuffer_state_dtypes(torch.bfloat16) == (torch.float32, torch.float32, torch.int32,
                                                       torch.bfloat16)
     stock = MambaStateShapeCalculator.gated_delta_net_state_shape(4, 16, 32, 128, 128, 4, 4)
@@ -88,7 +88,7 @@ def test_kernels_on_vllm_bound_page_views(backend):
     cache = cache_from_layer_states(layer.kv_cache, chunk_size=C, max_draft_tokens=D)
     assert cache.state.shape == (num_blocks, HV // tp, V, K)
     assert cache.state.stride(0) == content + pad >> 2          # page stride, in fp32 elements
-    assert cache.meta.shape == (num_blocks, 4) and cache.meta.dtype == torch.int32
+    assert cache.meta.shape == (num_blocks, 8) and cache.meta.dtype == torch.int32
 
     before = raw.clone()
     slots = torch.tensor([5, 2], dtype=torch.int32)             # vLLM block ids

@@ -15,10 +15,11 @@ A slot holds
 - ``buf_u   [S, B, HV, V]``  the corrected values ``u_j = beta_j (v_j - S~_{j-1}^T k_hat_j)``, fp32
   (fp64 for a float64 cache): they never change until the next flush.
 - ``buf_g   [S, B, HV]``     cumulative log-decay ``G_j`` since the last flush, same dtype as buf_u.
-- ``meta    [S, 5]`` int32   ``[LEN, PENDING, HAS_STATE, reserved, reserved]``: committed buffered
+- ``meta    [S, 8]`` int32   ``[LEN, PENDING, HAS_STATE, reserved...]``: committed buffered
   tokens, tentative (verified, not yet accepted) tokens stored after them, and whether ``state``
-  is valid. The kernels never touch the last two columns (the vLLM layer keeps its conv-window
-  offset and the position of the pending verify there); :func:`reset_slots` zeroes all five.
+  is valid. The kernels never touch columns 3-7 (the vLLM layer keeps its conv-window offset and
+  the position of the pending verify there; eight columns keep the next state of a vLLM page at
+  a 16-byte offset); :func:`reset_slots` zeroes all eight.
 
 ``B = chunk_size + max_draft_tokens``: a slot flushes as soon as its committed length reaches
 ``chunk_size``, so at most ``chunk_size - 1`` committed tokens wait when ``D + 1`` tentative ones
@@ -36,7 +37,7 @@ from .validation import check, check_int, check_slots_tensor
 META_LEN = 0
 META_PENDING = 1
 META_HAS_STATE = 2
-META_COLS = 5
+META_COLS = 8
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 SUPPORTED_STATE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

@@ -7,7 +7,7 @@ appends four, so that vLLM's own allocator places the buffer beside the state:
 
     (B, HVr, V)  buf_u  float32   corrected values
     (B, HVr)     buf_g  float32   cumulative log-decay
-    (5,)         meta   int32     [LEN, PENDING, HAS_STATE, CONV, VERIFY_POS] (the last two: the layer's)
+    (8,)         meta   int32     [LEN, PENDING, HAS_STATE, CONV, VERIFY_POS, 0, 0, 0]
     (B, Hr, K)   buf_k  model dtype  raw keys
 
 with ``B = chunk_size + max_draft_tokens``, ``Hr = H / tp``, ``HVr = HV / tp``. The 4-byte states

@@ -32,8 +32,8 @@ class KVBufferGDNAttentionMetadata(GDNAttentionMetadata):
     """vLLM's metadata plus, per request of the batch (batch order, ``[num_reqs]``, device):
 
     - ``context_lens``: tokens computed before this step's first token;
-    - ``boundary_pos`` / ``boundary_blocks`` (align mode with drafts only): the last multiple of
-      the block size at or below ``context_lens``, and the block id that caches the state there
+    - ``boundary_pos`` / ``boundary_blocks`` (align mode with drafts only): the first multiple of
+      the block size above ``context_lens``, and the block id that caches the state there
       (0, vLLM's null block: none).
     """
 
@@ -65,12 +65,18 @@ class KVBufferGDNAttentionMetadataBuilder(GDNAttentionMetadataBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         rows = max(vllm_config.scheduler_config.max_num_seqs, self.decode_cudagraph_max_bs)
-        self._context_lens = torch.zeros(rows, dtype=torch.int32, device=device)
+        self.context_lens = torch.zeros(rows, dtype=torch.int32, device=device)
         self._align = (vllm_config.cache_config.mamba_cache_mode == "align"
                        and self.use_spec_decode)
         if self._align:
-            self._boundary_pos = torch.zeros(rows, dtype=torch.int32, device=device)
-            self._boundary_blocks = torch.zeros(rows, dtype=torch.int32, device=device)
+            if self.kv_cache_spec.block_size < self.num_spec + 1:
+                # A verify then reaches at most one block boundary (gdn_core.snapshot_boundaries).
+                raise ValueError(
+                    f"KVBuffer: prefix caching with {self.num_spec} draft tokens needs a Mamba "
+                    f"block size >= {self.num_spec + 1}, got {self.kv_cache_spec.block_size}; "
+                    "pass fewer --num-speculative-tokens or --no-enable-prefix-caching")
+            self.boundary_pos = torch.zeros(rows, dtype=torch.int32, device=device)
+            self.boundary_blocks = torch.zeros(rows, dtype=torch.int32, device=device)
 
     def build(self, common_prefix_len, common_attn_metadata, num_accepted_tokens=None,
               num_decode_draft_tokens_cpu=None, fast_build=False):
@@ -78,18 +84,21 @@ class KVBufferGDNAttentionMetadataBuilder(GDNAttentionMetadataBuilder):
                           num_decode_draft_tokens_cpu, fast_build)
         c = common_attn_metadata
         n = c.num_reqs
-        ctx = self._context_lens[:n]
+        ctx = self.context_lens[:n]
         ctx.copy_(c.compute_num_computed_tokens()[:n])
         extra = dict(context_lens=ctx)
         if self._align:
             bs = self.kv_cache_spec.block_size
-            pos = self._boundary_pos[:n]
-            torch.mul(torch.div(ctx, bs, rounding_mode="floor"), bs, out=pos)
-            col = (torch.div(pos, bs, rounding_mode="floor") - 1).long()
+            # The next boundary above the context, and the block that ends there: the block of
+            # this step's first token, the running block or the one it was copied from, both
+            # allocated during this step.
+            col = torch.div(ctx, bs, rounding_mode="floor")
+            pos = self.boundary_pos[:n]
+            torch.mul(col + 1, bs, out=pos)
             table = c.block_table_tensor[:n]
-            blocks = table.gather(1, col.clamp(min=0, max=table.shape[1] - 1)[:, None])[:, 0]
-            self._boundary_blocks[:n] = torch.where(col >= 0, blocks, 0)
-            extra.update(boundary_pos=pos, boundary_blocks=self._boundary_blocks[:n])
+            col = col.long().clamp(max=table.shape[1] - 1)
+            self.boundary_blocks[:n] = table.gather(1, col[:, None])[:, 0]
+            extra.update(boundary_pos=pos, boundary_blocks=self.boundary_blocks[:n])
         fields = {f.name: getattr(m, f.name) for f in dataclasses.fields(m)}
         return KVBufferGDNAttentionMetadata(**fields, **extra)
 

@@ -26,7 +26,7 @@ import logging
 from typing import Any, Callable, ContextManager
 
 import torch
-from vllm.model_executor.layers.mamba.mamba_utils import get_temporal_copy_spec
+from vllm.model_executor.layers.mamba.mamba_utils import MambaCopySpec
 
 from ..config import KVBufferSettings, settings_of
 from .cache_spec import kvbuffer_state_dtypes, kvbuffer_state_shapes
@@ -59,26 +59,20 @@ def check_supported(vllm_config) -> None:
             "vllm-kvbuffer; set VLLM_USE_V2_MODEL_RUNNER=0 in the environment of vLLM "
             "(for example `VLLM_USE_V2_MODEL_RUNNER=0 vllm serve ...`; the Docker images set "
             "it)")
-    scheduler = getattr(vllm_config, "scheduler_config", None)
-    if (vllm_config.speculative_config is not None
-            and getattr(scheduler, "async_scheduling", False)):
-        # With async scheduling a request that sat out one step comes back with
-        # num_accepted_tokens = 1 (vLLM's update_num_computed_tokens_for_batch_change only
-        # corrects rows of the previous batch), so the commit of its pending drafts would keep
-        # too few (docs/plugin-design.md, "Speculative decoding and async scheduling").
-        raise ValueError(
-            "KVBuffer: speculative decoding together with async scheduling is not supported "
-            "yet; pass --no-async-scheduling (LLM(async_scheduling=False))")
     mode = vllm_config.cache_config.mamba_cache_mode
     if mode not in ("none", "align"):
         raise ValueError(f"KVBuffer: mamba_cache_mode={mode!r} is not supported; pass "
                          f"--no-enable-prefix-caching or use the default 'align' mode")
-    if mode == "align" and vllm_config.speculative_config is not None:
-        raise ValueError(
-            "KVBuffer: prefix caching together with speculative decoding is not supported yet "
-            "(vLLM snapshots per-draft states at block boundaries); pass "
-            "--no-enable-prefix-caching (LLM(enable_prefix_caching=False)) or drop "
-            "--speculative-config")
+
+
+def kvbuffer_slot_copy_spec(state: torch.Tensor, block_ids: list[int], cur_block_idx: int,
+                            num_accepted_tokens: int) -> MambaCopySpec:
+    """One KVBuffer state of a request's running block, whole: what vLLM's align mode copies
+    into the request's next block (``preprocess_mamba``). Unlike vLLM's copy specs it ignores
+    ``num_accepted_tokens``: there are no per-draft blocks to pick from (tentative tokens travel
+    with the slot and are committed by position, :mod:`.gdn_core`)."""
+    src = state[block_ids[cur_block_idx]]
+    return MambaCopySpec(start_addr=src.data_ptr(), num_elements=src.numel())
 
 
 def _num_spec(vllm_config) -> int:
@@ -101,6 +95,8 @@ class KVBufferHybridMixin:
         if settings is None:
             return
         check_supported(vllm_config)
+        from ..patches import apply_align_spec_patch
+        apply_align_spec_patch()
         layers = [m for m in self.modules() if type(m) in self._kvbuffer_promotions]
         for layer in layers:
             self._kvbuffer_promotions[type(layer)].promote(layer, settings)
@@ -108,15 +104,17 @@ class KVBufferHybridMixin:
                     settings.chunk_size, settings.backend, len(layers))
 
     def get_mamba_state_copy_funcs(self, mamba_types):
-        """Prefix caching ("align" mode) snapshots a request's linear state at block boundaries
-        by copying its page. A KVBuffer slot is fully described by its page (state, buffer and
-        cursor), so copying every KVBuffer state whole gives an exact snapshot; the stock funcs
-        would copy only the first two states and leave a stale buffer behind."""
+        """Prefix caching ("align" mode) copies a request's running slot into its next block
+        when the request moves on. A KVBuffer slot is fully described by its page (state,
+        buffer, cursors, conv window), so every state is copied whole
+        (:func:`kvbuffer_slot_copy_spec`); vLLM's funcs would copy only the first two and leave a
+        stale buffer behind, and with drafts they pick per-draft blocks KVBuffer does not
+        have."""
         funcs = super().get_mamba_state_copy_funcs(mamba_types)
         if self._kvbuffer is None:
             return funcs
-        extra = (get_temporal_copy_spec,) * len(kvbuffer_state_dtypes(torch.float32))
-        return {kind: tuple(f) + extra for kind, f in funcs.items()}
+        states = 2 + len(kvbuffer_state_dtypes(torch.float32))     # vLLM's (conv, ssm) + ours
+        return {kind: (kvbuffer_slot_copy_spec,) * states for kind in funcs}
 
     @classmethod
     def get_mamba_state_shape_from_config(cls, vllm_config):
