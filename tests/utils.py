@@ -62,73 +62,41 @@ FAMILIES = {
     "olmo_hybrid": (dict(arch="olmo_hybrid", neg_eigval=True), "OlmoHybridForCausalLM"),
 }
 VL_FIELDS = dict(arch="qwen3_5", vision=True)
+#: Successor checkpoints' cycle length: greedy text walks groups of this many token ids.
+SUCCESSOR_PERIOD = 5
 
 
-def family_checkpoint(family: str) -> str:
+def successor_fields(arch: str) -> dict:
+    """Builder fields that make a family's checkpoint a successor variant: greedy text mostly
+    walks cycles of :data:`SUCCESSOR_PERIOD` token ids, with the family's layer scale
+    (``SUCCESSOR_LAYER_SCALES``), so that n-gram and MTP drafts are both accepted and rejected
+    (random weights alone give almost no accepted drafts)."""
+    from vllm_kvbuffer.tools.tiny_checkpoint import SUCCESSOR_LAYER_SCALES
+
+    return dict(successor_period=SUCCESSOR_PERIOD, layer_scale=SUCCESSOR_LAYER_SCALES[arch])
+
+
+def family_checkpoint(family: str, *, successor: bool = False) -> str:
     """The tiny float32 checkpoint of a :data:`FAMILIES` family (or ``qwen3_5_vl``), built once
-    under ``.cache/models``."""
+    under ``.cache/models``; ``successor``: its successor variant (:func:`successor_fields`)."""
     from vllm_kvbuffer.tools.tiny_checkpoint import build_tiny_checkpoint
 
-    fields = VL_FIELDS if family == "qwen3_5_vl" else FAMILIES[family][0]
-    return str(build_tiny_checkpoint(MODELS / f"tiny-{family.replace('_', '-')}-fp32",
-                                     dtype="float32", **fields))
-
-
-def make_cyclic_checkpoint(src: str, dst: pathlib.Path, *, layer_scale: float,
-                           period: int = 5) -> str:
-    """A variant of a tiny checkpoint whose greedy text mostly cycles through groups of
-    ``period`` token ids, so that n-gram and MTP drafts are often right (accepted) and, where the
-    layers (their outputs scaled by ``layer_scale``) push the text off the cycle, wrong
-    (rejected). The LM head maps each token's embedding to its successor in its group; the MTP
-    layer (if any) passes the next token's embedding through, so it drafts the successor too."""
-    import shutil
-
-    import torch
-    from safetensors.torch import load_file, save_file
-
-    if (dst / "model.safetensors").exists():
-        return str(dst)
-    # A private folder per builder, renamed into place: pytest-xdist workers may build the same
-    # variant at once, and the one that loses the rename uses the winner's identical files.
-    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(src, tmp)
-    sd = load_file(str(tmp / "model.safetensors"))
-    emb = sd["model.embed_tokens.weight"]
-    V = emb.shape[0]
-    succ = torch.arange(V)
-    succ = (succ // period) * period + (succ % period + 1) % period
-    succ[succ >= V] = (torch.arange(V)[succ >= V] // period) * period
-    head = torch.empty_like(sd["lm_head.weight"])
-    head[succ] = emb
-    sd["lm_head.weight"] = head.contiguous()
-    for k in list(sd):
-        if k.endswith(("out_proj.weight", "o_proj.weight", "down_proj.weight")):
-            sd[k] = sd[k] * layer_scale
-        if k == "mtp.fc.weight":
-            H = sd[k].shape[0]
-            fc = torch.zeros_like(sd[k])
-            fc[:, :H] = torch.eye(H)
-            sd[k] = fc
-        if k.startswith("mtp.") and k.endswith(("o_proj.weight", "down_proj.weight")):
-            sd[k] = sd[k] * 0.01
-    save_file(sd, str(tmp / "model.safetensors"), metadata={"format": "pt"})
-    try:
-        tmp.rename(dst)
-    except OSError:
-        if not (dst / "model.safetensors").exists():
-            raise
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(dst)
+    fields = dict(VL_FIELDS if family == "qwen3_5_vl" else FAMILIES[family][0])
+    name = f"tiny-{family.replace('_', '-')}-fp32"
+    if successor:
+        fields.update(successor_fields(fields["arch"]))
+        name += "-successor"
+    return str(build_tiny_checkpoint(MODELS / name, dtype="float32", **fields))
 
 
 def tiny_cyclic_mtp_checkpoint() -> str:
-    """The tiny MTP checkpoint made cyclic: n-gram and MTP drafts both partly accepted, partly
-    rejected (random weights alone give almost no accepted drafts)."""
-    # layer_scale 4: the scale at which n-gram and MTP drafts are both partly accepted and partly
-    # rejected on this checkpoint (benchmarks/NOTES.md, "Test bounds").
-    return make_cyclic_checkpoint(tiny_checkpoint("float32", mtp=True),
-                                  MODELS / "tiny-qwen3-next-mtp-fp32-cyclic-4", layer_scale=4.0)
+    """The tiny float32 Qwen3-Next with an MTP layer, successor variant
+    (:func:`successor_fields`): n-gram and MTP drafts both partly accepted, partly rejected."""
+    from vllm_kvbuffer.tools.tiny_checkpoint import build_tiny_checkpoint
+
+    return str(build_tiny_checkpoint(MODELS / "tiny-qwen3-next-mtp-fp32-successor",
+                                     dtype="float32", mtp=True,
+                                     **successor_fields("qwen3_next")))
 
 
 # ----------------------------------------------------------------------------------------------

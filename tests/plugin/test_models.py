@@ -9,8 +9,8 @@ shared through module fixtures:
   tokens of a short prompt beside two prompts sharing a long prefix, the second admitted only
   when the first is done (two sequences at a time), so that it hits the cache;
 - n-gram and MTP speculative decoding (3 drafts, prefix caching off, which KVBuffer requires with
-  drafts) on a cyclic variant of the checkpoint (``tests.utils.make_cyclic_checkpoint``), where
-  drafts are partly accepted and partly rejected;
+  drafts) on the checkpoint's successor variant (``tests.utils.family_checkpoint(family,
+  successor=True)``), where drafts are partly accepted and partly rejected;
 - Qwen3_5ForConditionalGeneration: a text prompt and an image prompt in one engine
   (``tests.engine_run``'s image prompts).
 
@@ -26,7 +26,7 @@ import re
 import pytest
 import torch
 
-from tests.utils import FAMILIES, MODELS, make_cyclic_checkpoint, run_engine
+from tests.utils import FAMILIES, run_engine
 from tests.utils import family_checkpoint as checkpoint
 
 pytestmark = pytest.mark.slow
@@ -40,16 +40,6 @@ PREFIX_TOKENS = 16
 SPEC_TOKENS = 64
 SPEC_PROMPTS = ["a b c d a b c d a b c d a b",
                 "Hello world, the quick brown fox. Hello world, the quick"]
-# The cyclic variants' layer scale, chosen where HF greedy text follows the cycle 60-70% of the
-# time (measured on SPEC_PROMPTS): drafts partly accepted, partly rejected (checked below).
-CYCLIC_SCALE = {"qwen3_5": 2.0, "qwen3_5_moe": 3.0, "olmo_hybrid": 2.0}
-
-
-def cyclic_checkpoint(family: str) -> str:
-    scale = CYCLIC_SCALE[family]
-    return make_cyclic_checkpoint(
-        checkpoint(family), MODELS / f"tiny-{family.replace('_', '-')}-fp32-cyclic-{scale:g}",
-        layer_scale=scale)
 
 
 def _shared_prefix_prompts() -> list[list[int]]:
@@ -127,7 +117,7 @@ def test_speculative_decoding_matches_greedy(family_name, method):
     sc = {"method": method, "num_speculative_tokens": 3}
     if method == "ngram":
         sc.update(prompt_lookup_max=3, prompt_lookup_min=1)
-    path = cyclic_checkpoint(family_name)
+    path = checkpoint(family_name, successor=True)
     outs, proc = run_engine(dict(model=path, prompts=SPEC_PROMPTS, max_tokens=SPEC_TOKENS,
                                  speculative_config=sc, metrics=True, additional_config=KVB))
     m = proc.info["metrics"]

@@ -12,6 +12,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
+from tests.utils import FAMILIES, SUCCESSOR_PERIOD, successor_fields
 from vllm_kvbuffer.tools import tiny_checkpoint as tc
 from vllm_kvbuffer.tools.tiny_checkpoint import MARKER_NAME, build_tiny_qwen3_next
 
@@ -377,3 +378,181 @@ def test_family_options_are_checked(tmp_path):
     # Fields added after the first version stay out of a Qwen3-Next build's identity.
     assert set(tc.TinyCheckpointSpec().to_json_dict()) == {
         f for f in tc.TinyCheckpointSpec.__dataclass_fields__ if f not in tc._LATER_FIELDS}
+
+
+# -- successor checkpoints (drafts accepted and rejected) ---------------------------------------
+
+# The successor variants the engine tests use (tests/utils.py), one per family.
+SUCCESSOR_FAMILIES = {"qwen3_next": dict(arch="qwen3_next", mtp=True),
+                      **{f: fields for f, (fields, _) in FAMILIES.items()}}
+CYCLE_PROMPT = [100 + i % SUCCESSOR_PERIOD for i in range(4 * SUCCESSOR_PERIOD)]
+GREEDY_STEPS = 200
+# Stated bounds on HF fp32 greedy text from CYCLE_PROMPT: the fraction of steps whose token is
+# the successor of the one before (n-gram and MTP drafts of the successor accepted there), and
+# how often the text leaves the cycle (drafts rejected). Measured: 0.68-0.76 and 34-40 times.
+FOLLOW_BAND = (0.5, 0.9)
+MIN_LEAVES = 10
+# The layers' share of every logit: at each position of that text (prompt and 60 greedy
+# tokens), how much the log-probability of the next token (what an engine reports) changes between
+# layer_scale 0 (the embeddings alone) and the family's value. Measured: 1.7-2.3 at least.
+MIN_LAYER_EFFECT = 1.0
+
+
+def _successor_fields(family: str, **overrides) -> dict:
+    return {**SUCCESSOR_FAMILIES[family], **successor_fields(SUCCESSOR_FAMILIES[family]["arch"]),
+            "dtype": "float32", **overrides}
+
+
+@pytest.fixture(scope="module")
+def successor_ckpts(tmp_path_factory):
+    """family -> its successor checkpoint (built once per module, on first use)."""
+    root, built = tmp_path_factory.mktemp("successor"), {}
+
+    def get(family: str) -> pathlib.Path:
+        if family not in built:
+            built[family] = tc.build_tiny_checkpoint(root / family, **_successor_fields(family))
+        return built[family]
+    return get
+
+
+def _greedy(path: pathlib.Path, prompt: list[int], steps: int) -> list[int]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                             max_new_tokens=steps, min_new_tokens=steps)
+    return out[0, len(prompt):].tolist()
+
+
+def _logprobs(path: pathlib.Path, ids: list[int]) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+    with torch.no_grad():
+        return torch.log_softmax(model(torch.tensor([ids])).logits[0].float(), -1)
+
+
+@pytest.mark.parametrize("family", list(SUCCESSOR_FAMILIES))
+def test_successor_checkpoint_deterministic(successor_ckpts, tmp_path, family):
+    a = successor_ckpts(family)
+    b = tc.build_tiny_checkpoint(tmp_path / "b", **_successor_fields(family))
+    fa, fb = _files(a), _files(b)
+    assert sorted(fa) == sorted(fb) and all(fa[n] == fb[n] for n in fa)
+    args = json.loads((a / MARKER_NAME).read_text())["args"]
+    assert args["successor_period"] == SUCCESSOR_PERIOD
+    assert args["layer_scale"] == tc.SUCCESSOR_LAYER_SCALES[SUCCESSOR_FAMILIES[family]["arch"]]
+
+
+@pytest.mark.parametrize("family", list(SUCCESSOR_FAMILIES))
+def test_successor_weights(successor_ckpts, tmp_path, family):
+    """Against the plain checkpoint of the same family: lm_head row succ(i) is embedding row i;
+    the layers' residual outputs are scaled by layer_scale (OLMo Hybrid's post-norm attention
+    layers: their post norms), the MTP layer passes its embedding input through; every other
+    tensor is the plain one."""
+    fields = _successor_fields(family)
+    scale = fields["layer_scale"]
+    t = _tensors(successor_ckpts(family))
+    plain = _tensors(tc.build_tiny_checkpoint(
+        tmp_path / "plain", **_successor_fields(family, successor_period=None, layer_scale=1.0)))
+    assert set(t) == set(plain)
+    emb, head = t["model.embed_tokens.weight"], t["lm_head.weight"]
+    succ = tc.successor_ids(emb.shape[0], SUCCESSOR_PERIOD)
+    assert succ[100:106].tolist() == [101, 102, 103, 104, 100, 106]
+    assert succ[-4:].tolist() == [1021, 1022, 1023, 1020]    # 1024 ids: the last group has 4
+    assert sorted(succ.tolist()) == list(range(emb.shape[0]))   # a permutation
+    assert torch.equal(head[succ], emb * (0.05 / 0.5))   # scaled to a random head's std
+    changed = {"lm_head.weight"}
+    kinds = tc.TinyCheckpointSpec(**fields).layer_types
+    for name in t:
+        layer = name.startswith("model.layers.")
+        post_norm = (layer and family == "olmo_hybrid"
+                     and kinds[int(name.split(".")[2])] == "full_attention")
+        if layer and name.endswith(("post_attention_layernorm.weight",
+                                    "post_feedforward_layernorm.weight") if post_norm else
+                                   ("out_proj.weight", "o_proj.weight", "down_proj.weight")):
+            torch.testing.assert_close(t[name], plain[name] * scale, rtol=1e-6, atol=0)
+            changed.add(name)
+        elif name.startswith("mtp.layers.") and name.endswith(("o_proj.weight",
+                                                               "down_proj.weight")):
+            torch.testing.assert_close(t[name], plain[name] * 0.01, rtol=1e-6, atol=0)
+            changed.add(name)
+    if "mtp.fc.weight" in t:
+        D = emb.shape[1]
+        assert torch.equal(t["mtp.fc.weight"], torch.cat([torch.eye(D), torch.zeros(D, D)], 1))
+        changed.add("mtp.fc.weight")
+    # Every layer has outputs scaled: 3 GDN + 1 attention mixer, 4 MLPs (every expert's).
+    assert sum(n.startswith("model.layers.") for n in changed) >= 8
+    assert all(torch.equal(t[n], plain[n]) for n in t if n not in changed)
+
+
+@pytest.mark.parametrize("family", list(SUCCESSOR_FAMILIES))
+def test_successor_greedy_follows_cycle_and_leaves_it(successor_ckpts, family):
+    """HF fp32 greedy text from a prompt walking a cycle: mostly the successor of the token
+    before (drafts accepted), but it leaves the cycle now and then (drafts rejected)."""
+    _assert_hf_uses_torch_gdn()
+    gen = _greedy(successor_ckpts(family), CYCLE_PROMPT, GREEDY_STEPS)
+    succ = tc.successor_ids(tc.VOCAB_SIZE, SUCCESSOR_PERIOD)
+    follows = [tok == int(succ[prev]) for prev, tok in zip(CYCLE_PROMPT[-1:] + gen, gen)]
+    frac = sum(follows) / len(follows)
+    leaves = sum(a and not b for a, b in zip([True] + follows, follows))
+    assert FOLLOW_BAND[0] <= frac <= FOLLOW_BAND[1], (family, frac, gen[:40])
+    assert leaves >= MIN_LEAVES, (family, leaves, gen[:40])
+
+
+@pytest.mark.parametrize("family", list(SUCCESSOR_FAMILIES))
+def test_successor_layers_shape_every_logit(successor_ckpts, tmp_path, family):
+    """The GDN and attention layers are still in the residual stream and the head does not
+    saturate: teacher-forced on the greedy text, the log-probability of every next token
+    differs from that of the same checkpoint with layer_scale 0 (the embeddings alone), so a
+    wrong GDN state shows in the logprobs also where the greedy token would be the same."""
+    path = successor_ckpts(family)
+    ids = CYCLE_PROMPT + _greedy(path, CYCLE_PROMPT, 60)
+    zero = tc.build_tiny_checkpoint(tmp_path / "zero", **_successor_fields(family, layer_scale=0))
+    lp, lp0 = _logprobs(path, ids), _logprobs(zero, ids)
+    # At layer_scale 0 the successor is the argmax everywhere.
+    succ = tc.successor_ids(tc.VOCAB_SIZE, SUCCESSOR_PERIOD)
+    assert torch.equal(lp0.argmax(-1), succ[torch.tensor(ids)])
+    nxt = torch.tensor(ids[1:])[:, None]
+    effect = (lp[:-1].gather(1, nxt) - lp0[:-1].gather(1, nxt)).abs()[:, 0]
+    assert float(effect.min()) > MIN_LAYER_EFFECT, (family, float(effect.min()), effect[:10])
+    # On the cycle too (where the token is the successor), the logprob is not saturated.
+    on_cycle = torch.tensor(ids[1:]) == succ[torch.tensor(ids[:-1])]
+    assert bool(on_cycle.any()) and float(lp[:-1].gather(1, nxt)[on_cycle].max()) < -0.5
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [(dict(successor_period=1), "successor_period must be an int >= 2 or None, got 1"),
+     (dict(successor_period=2.0), "successor_period must be an int >= 2 or None, got 2.0"),
+     (dict(successor_period=True), "successor_period must be an int >= 2 or None, got True"),
+     (dict(layer_scale=-0.5), r"layer_scale must be a finite float >= 0, got -0\.5"),
+     (dict(layer_scale=math.nan), "layer_scale must be a finite float >= 0, got nan"),
+     (dict(layer_scale="2"), "layer_scale must be a finite float >= 0, got '2'")],
+)
+def test_successor_invalid_args(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        tc.build_tiny_checkpoint(tmp_path / "bad", **kwargs)
+    assert not (tmp_path / "bad").exists()
+
+
+def test_successor_cli(tmp_path, capsys):
+    out = tmp_path / "cli"
+    tc.main(["--out", str(out), "--arch", "qwen3_5", "--mtp", "--dtype", "float32",
+             "--successor-period", "5", "--layer-scale", "2"])
+    report = json.loads(capsys.readouterr().out)
+    assert report["args"] == {"num_layers": 4, "full_attention_interval": 4, "hidden_size": 256,
+                              "linear_num_key_heads": 2, "linear_num_value_heads": 4,
+                              "linear_key_head_dim": 64, "linear_value_head_dim": 64,
+                              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 64,
+                              "num_experts": 4, "mtp": True, "dtype": "float32", "seed": 0,
+                              "lm_head_std": None, "arch": "qwen3_5", "successor_period": 5,
+                              "layer_scale": 2.0}
+    t = _tensors(out)
+    succ = tc.successor_ids(tc.VOCAB_SIZE, 5)
+    assert torch.equal(t["lm_head.weight"][succ], t["model.embed_tokens.weight"] * 0.1)
+    # The defaults (no option given): plain random weights, the same identity as before.
+    actions = {a.dest: a for a in tc._parser()._actions}
+    assert actions["successor_period"].default is None and actions["successor_period"].type is int
+    assert actions["layer_scale"].default == 1.0 and actions["layer_scale"].type is float

@@ -20,6 +20,11 @@ in bf16 only). ``mtp=True`` adds one multi-token-prediction layer (``mtp.*`` key
 ``speculative_config={"method": "mtp", ...}``; transformers ignores those keys
 (``_keys_to_ignore_on_load_unexpected = [r"^mtp.*"]``).
 
+``successor_period=p`` (with ``layer_scale``, :data:`SUCCESSOR_LAYER_SCALES`) makes a checkpoint
+on which speculative drafts are both accepted and rejected: greedy text mostly walks cycles of
+``p`` token ids, and the layers push it off now and then
+(:func:`apply_successor_and_layer_scale`).
+
 Determinism: each tensor is drawn from its own generator seeded by ``(seed, tensor name)``, so the
 same arguments give the same bytes on every run, and changing one dimension or adding the MTP
 layer leaves the tensors whose shapes did not change untouched. A build records its arguments
@@ -33,6 +38,8 @@ Usage::
 
     python -m vllm_kvbuffer.tools.tiny_checkpoint --out .cache/models/tiny-qwen3-next [--mtp]
     python -m vllm_kvbuffer.tools.tiny_checkpoint --out .cache/models/tiny-qwen3-5 --arch qwen3_5
+    python -m vllm_kvbuffer.tools.tiny_checkpoint --out .cache/models/tiny-qwen3-5-successor \
+        --arch qwen3_5 --mtp --dtype float32 --successor-period 5 --layer-scale 2
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import shutil
 import tempfile
 import types
@@ -149,6 +157,20 @@ class TinyCheckpointSpec:
                "(Qwen3_5[Moe]ForConditionalGeneration) with a tiny vision tower")
     neg_eigval: bool = _field(
         False, "olmo_hybrid only: linear_allow_neg_eigval (beta = 2 sigmoid(b), in (0, 2))")
+    successor_period: int | None = _field(
+        None, "make greedy text walk cycles of this many token ids (ids 0..p-1, p..2p-1, ...): "
+              "lm_head row succ(i) is token i's embedding, scaled to the --lm-head-std, so a "
+              "hidden state near token i's embedding scores its successor highest, and with "
+              "--mtp the MTP layer passes the next token's embedding through (mtp.fc = [I | 0], "
+              "its o_proj / down_proj x 0.01), so n-gram and MTP drafts get accepted where the "
+              "layers (--layer-scale) leave the text on the cycle and rejected where they push "
+              "it off. Default: plain random weights")
+    layer_scale: float = _field(
+        1.0, "multiply what every decoder layer adds to the residual stream by this (pre-norm "
+             "layers: out_proj / o_proj / down_proj, every expert's; OLMo Hybrid's post-norm "
+             "attention layers: their two post norms); >= 0, and 0 leaves the logits to the "
+             "embeddings alone. With --successor-period it sets how often the text leaves the "
+             "cycle: SUCCESSOR_LAYER_SCALES in this module holds the value for each family")
 
     def __post_init__(self) -> None:
         # The builder always took loose Python values (an int-like seed, a truthy mtp).
@@ -194,6 +216,15 @@ class TinyCheckpointSpec:
         std = self.lm_head_std
         if std is not None and not (std > 0 and math.isfinite(std)):
             raise ValueError(f"lm_head_std must be a positive finite float or None, got {std!r}")
+        period = self.successor_period
+        if period is not None and (not isinstance(period, int) or isinstance(period, bool)
+                                   or period < 2):
+            raise ValueError(f"successor_period must be an int >= 2 or None, got {period!r}")
+        scale = self.layer_scale
+        if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                or not (scale >= 0 and math.isfinite(scale)):
+            raise ValueError(f"layer_scale must be a finite float >= 0, got {scale!r}")
+        object.__setattr__(self, "layer_scale", float(scale))
 
     @property
     def layer_types(self) -> list[str]:
@@ -223,7 +254,7 @@ class TinyCheckpointSpec:
 
 
 #: Spec fields added after the first version (see :class:`TinyCheckpointSpec`).
-_LATER_FIELDS = ("arch", "vision", "neg_eigval")
+_LATER_FIELDS = ("arch", "vision", "neg_eigval", "successor_period", "layer_scale")
 #: The spec's first name (Qwen3-Next was the only family then).
 TinyQwen3NextSpec = TinyCheckpointSpec
 
@@ -345,12 +376,96 @@ def _init_tensor(name: str, shape: tuple, init: _Init, seed: int) -> torch.Tenso
 
 
 def build_state_dict(spec: TinyCheckpointSpec) -> dict[str, torch.Tensor]:
-    """The checkpoint's tensors in ``spec.dtype`` (drawn in fp32, then cast)."""
+    """The checkpoint's tensors in ``spec.dtype`` (drawn in fp32, then cast; then
+    :func:`apply_successor_and_layer_scale`)."""
     dtype = _DTYPES[spec.dtype]
-    return {
+    sd = {
         name: _init_tensor(name, shape, init, spec.seed).to(dtype).contiguous()
         for name, shape, init in checkpoint_tensor_specs(spec)
     }
+    return apply_successor_and_layer_scale(spec, sd)
+
+
+def successor_ids(vocab_size: int, period: int) -> torch.Tensor:
+    """``succ[i]``: the token after ``i`` on its cycle. Ids are cut into groups of ``period``
+    (``0..p-1``, ``p..2p-1``, ...; the last group may be shorter) and each group is a cycle."""
+    ids = torch.arange(vocab_size)
+    start = ids // period * period
+    succ = start + (ids - start + 1) % period
+    return torch.where(succ < vocab_size, succ, start)
+
+
+#: ``layer_scale`` per family for ``successor_period=5`` (the tests' successor checkpoints: float32,
+#: the default dims, ``mtp=True`` where the family has MTP, OLMo Hybrid with ``neg_eigval``). Why
+#: these values: HF fp32 greedy text from a prompt walking a cycle (100, 101, ..., 104, 100, ...)
+#: then follows the successor in about 3 of 4 of 200 steps and leaves the cycle 30-40 times, so
+#: that n-gram and MTP drafts are both accepted and rejected. The fraction falls steeply with the
+#: scale (Qwen3-Next: 92 % at 2.6, 73 % at 2.75, 63 % at 2.9, 30 % at 4; Qwen3.5: 99 % at 1.75,
+#: 68 % at 2; Qwen3.5 MoE: 86 % at 2.6, 74 % at 2.75; OLMo Hybrid: 95 % at 1.1, 76 % at 1.2,
+#: 60 % at 1.3). tests/tools/test_tiny_checkpoint.py checks the band.
+SUCCESSOR_LAYER_SCALES = {"qwen3_next": 2.75, "qwen3_5": 2.0, "qwen3_5_moe": 2.75,
+                          "olmo_hybrid": 1.2}
+
+# The MTP layer of a successor checkpoint: its attention and MLP outputs are scaled by this, so
+# that its output is about its input, the next token's (normed) embedding.
+_MTP_PASS_SCALE = 0.01
+_DECODER_LAYER = re.compile(r"^model\.(?:language_model\.)?layers\.\d+\.")
+_OUT_PROJ = (".out_proj.weight", ".o_proj.weight", ".down_proj.weight")
+_POST_NORMS = ("post_attention_layernorm.weight", "post_feedforward_layernorm.weight")
+
+
+def apply_successor_and_layer_scale(spec: TinyCheckpointSpec, sd: dict[str, torch.Tensor]
+                                    ) -> dict[str, torch.Tensor]:
+    """``spec.layer_scale`` and ``spec.successor_period`` applied to a checkpoint's tensors
+    ``sd`` (names as on disk, any family), in place; returns ``sd``. Computed in float32, stored
+    in each tensor's dtype.
+
+    ``layer_scale`` multiplies every decoder layer's contribution to the residual stream: in a
+    pre-norm layer its output projections (``out_proj`` / ``o_proj`` of the GDN or attention
+    mixer, ``down_proj`` of the MLP and of every expert); in a post-norm layer (OLMo Hybrid's
+    attention layers, which normalise the mixer and MLP outputs before adding them, so that
+    scaling a projection would change nothing) the two post norms' weights.
+
+    ``successor_period``: ``lm_head[succ[i]] = c embed[i]`` (:func:`successor_ids`; ``c``
+    scales the head to ``lm_head_std``, by default 0.05 like a random head), so that a final
+    hidden state near token ``i``'s embedding, which the residual stream carries from the input,
+    scores ``succ[i]`` highest; the layers move it off that. The MTP layer, if any, gets
+    ``fc = [I | 0]`` over ``cat(norm(embed(next token)), norm(hidden))`` and its attention and
+    MLP outputs scaled by 0.01: it drafts the successor of the token it is given.
+    """
+    def put(name: str, value: torch.Tensor) -> None:
+        sd[name] = value.to(sd[name].dtype).contiguous()
+
+    if spec.layer_scale != 1.0:
+        post_norm = {m.group(0) for k in sd if (m := _DECODER_LAYER.match(k))
+                     and k[m.end():] == _POST_NORMS[1]}
+        for k in sorted(sd):
+            m = _DECODER_LAYER.match(k)
+            if m is None:
+                continue
+            hit = (k[m.end():] in _POST_NORMS if m.group(0) in post_norm
+                   else k.endswith(_OUT_PROJ))
+            if hit:
+                put(k, sd[k].float() * spec.layer_scale)
+    if spec.successor_period is None:
+        return sd
+    emb_name = next(k for k in sorted(sd) if k.endswith("embed_tokens.weight")
+                    and not k.startswith("mtp."))
+    emb = sd[emb_name].float()
+    head = torch.empty_like(emb)
+    # Scaled to the std of a random head: the same argmax (greedy text), but probabilities that
+    # the layers move at every position instead of a saturated top token (log-probability 0).
+    std = spec.lm_head_std if spec.lm_head_std is not None else _LINEAR_STD
+    head[successor_ids(emb.shape[0], spec.successor_period)] = emb * (std / _EMBED_STD)
+    put("lm_head.weight", head)
+    if "mtp.fc.weight" in sd:
+        fc = torch.zeros_like(sd["mtp.fc.weight"], dtype=torch.float32)
+        fc[:, :fc.shape[0]] = torch.eye(fc.shape[0])
+        put("mtp.fc.weight", fc)
+        for k in sorted(sd):
+            if k.startswith("mtp.layers.") and k.endswith(_OUT_PROJ):
+                put(k, sd[k].float() * _MTP_PASS_SCALE)
+    return sd
 
 
 # ----------------------------------------------------------------------------------------------
@@ -597,6 +712,7 @@ def _write_hf_family(stage: pathlib.Path, spec: TinyCheckpointSpec,
     (stage / "model.safetensors.index.json").unlink(missing_ok=True)
     if spec.mtp:
         saved.update(_mtp_tensors(spec, saved))
+    apply_successor_and_layer_scale(spec, saved)
     save_file({k: saved[k].contiguous() for k in sorted(saved)}, str(stage / "model.safetensors"),
               metadata={"format": "pt"})
 
