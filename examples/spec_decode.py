@@ -91,8 +91,6 @@ def generate(args, model: str, prompts: list[str], dtype: str, speculative: dict
         enforce_eager=True,  # required by the plugin on CUDA for now; fast start-up on the CPU
         max_model_len=args.max_model_len,
         tensor_parallel_size=args.tensor_parallel_size,
-        enable_prefix_caching=False,  # refused together with speculative decoding for now
-        async_scheduling=False,  # CUDA's default with MTP; refused with drafts for now
         disable_log_stats=False,  # keep the metrics that get_metrics() reads
         speculative_config=speculative,
         seed=0,
