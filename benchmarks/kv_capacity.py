@@ -61,7 +61,11 @@ def _model_class(arch: str):
 
 
 def measure(model_dir: str, *, tp: int, num_spec: int, state: str, kvbuffer: bool,
-            chunk_size: int = 16, budget_gib: float = 80.0, max_model_len: int = 4096) -> dict:
+            chunk_size: int = 16, budget_gib: float = 80.0, max_model_len: int = 4096,
+            spec_method: str = "mtp") -> dict:
+    """vLLM's per-request cache and maximum concurrency for one configuration. ``spec_method``:
+    the drafter (``"mtp"`` adds the MTP layer's attention; ``"ngram"`` drafts without a model,
+    as benchmarks/bench_capacity.py serves)."""
     import torch
     from vllm.engine.arg_utils import EngineArgs
     from vllm.platforms.interface import Platform
@@ -76,7 +80,8 @@ def measure(model_dir: str, *, tp: int, num_spec: int, state: str, kvbuffer: boo
     ea = EngineArgs(model=model_dir, skip_tokenizer_init=True, max_model_len=max_model_len,
                     dtype="bfloat16", enable_prefix_caching=False, tensor_parallel_size=tp,
                     mamba_ssm_cache_dtype=state,
-                    speculative_config=({"method": "mtp", "num_speculative_tokens": num_spec}
+                    speculative_config=({"method": spec_method,
+                                         "num_speculative_tokens": num_spec}
                                         if num_spec else None),
                     additional_config=({"kvbuffer": {"chunk_size": chunk_size}}
                                        if kvbuffer else {}))
@@ -98,7 +103,7 @@ def measure(model_dir: str, *, tp: int, num_spec: int, state: str, kvbuffer: boo
     specs = {}
     for i, kind in enumerate(hf.layer_types):
         specs[f"model.layers.{i}"] = mamba if kind == "linear_attention" else attn
-    if num_spec:
+    if num_spec and spec_method == "mtp":
         specs["mtp.layers.0.self_attn.attn"] = attn
     n_gdn = sum(k == "linear_attention" for k in hf.layer_types)
     kv_cfg = get_kv_cache_configs(vc, [specs], [int(budget_gib * GIB)])[0]
