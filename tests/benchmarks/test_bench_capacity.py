@@ -30,8 +30,10 @@ def test_bench_capacity_smoke(tmp_path):
     for label, r in rows.items():
         assert r["status"] == "ok", (label, r.get("error_line"), r.get("error"))
         assert r["peak_running"] > 0, (label, r)
+        assert r["drafted"] > 0, (label, r)
         assert r["max_concurrency"] and r["max_concurrency"] > 0, (label, r)
         assert r["requests_fired"] > r["max_concurrency"], (label, r)
+    assert rows["kvbuffer-D1-pcoff"]["accepted"] > 0, rows    # KVBuffer's commits were exercised
     # vLLM's start-up line and the arithmetic for the same checkpoint and budget agree.
     for kind in ("stock", "kvbuffer"):
         arith = res["arithmetic"][f"{kind}-D1"]["max_concurrency"]

@@ -247,6 +247,29 @@ def test_speculative_decoding_with_chunked_prefill_and_concurrency(tiny_cyclic_m
     assert 0 < accepted < drafted, m
 
 
+def test_ngram_drafts_with_an_8_token_budget_match_greedy(tiny_cyclic_mtp_fp32, greedy_cyclic):
+    """n-gram drafts (3 at most, as many as the text offers: the demand changes from step to
+    step) for 8 requests under an 8-token batch budget: most steps run two or three requests and
+    the others sit out while holding tentative tokens, prompts are prefilled in chunks beside
+    verifies, and drafts are trimmed to the budget. Every commit comes from positions; tokens and
+    logprobs equal non-speculative greedy decoding."""
+    greedy = greedy_cyclic[len(SPEC_PROMPTS):len(SPEC_PROMPTS) + 8]
+    outs, proc = run_engine(dict(model=tiny_cyclic_mtp_fp32, prompts=_chunked_prefill_prompts(),
+                                 max_tokens=60, max_num_seqs=8, max_num_batched_tokens=8,
+                                 metrics=True, additional_config={"kvbuffer": {"chunk_size": 4}},
+                                 speculative_config={"method": "ngram",
+                                                     "num_speculative_tokens": 3,
+                                                     "prompt_lookup_max": 3,
+                                                     "prompt_lookup_min": 1}),
+                            env={"VLLM_KVBUFFER_VALUE_CHECKS": "1"})
+    m = proc.info["metrics"]
+    drafted, accepted = (m["vllm:spec_decode_num_draft_tokens"],
+                         m["vllm:spec_decode_num_accepted_tokens"])
+    print(f"ngram, 8-token budget: drafted {drafted}, accepted {accepted}")
+    assert 0 < accepted < drafted, m
+    assert_same_greedy(outs, greedy)
+
+
 @pytest.mark.parametrize("method", ["ngram", "mtp"])
 def test_speculative_decoding_matches_greedy(tiny_cyclic_mtp_fp32, greedy_cyclic, method):
     """Drafts verified in parallel from state + buffer, committed by accept (a cursor move):

@@ -8,9 +8,10 @@ shared through module fixtures:
 - greedy, vLLM's default prefix caching on (``mamba_cache_mode="align"``), KVBuffer C = 4: 200
   tokens of a short prompt beside two prompts sharing a long prefix, the second admitted only
   when the first is done (two sequences at a time), so that it hits the cache;
-- n-gram and MTP speculative decoding (3 drafts, prefix caching off, which KVBuffer requires with
-  drafts) on the checkpoint's successor variant (``tests.utils.family_checkpoint(family,
-  successor=True)``), where drafts are partly accepted and partly rejected;
+- n-gram and MTP speculative decoding (3 drafts) with vLLM's default prefix caching on, on the
+  checkpoint's successor variant (``tests.utils.family_checkpoint(family, successor=True)``),
+  where drafts are partly accepted and partly rejected, two of the prompts sharing a prefix long
+  enough that the second hits the cache (with MTP vLLM hits one block less);
 - Qwen3_5ForConditionalGeneration: a text prompt and an image prompt in one engine
   (``tests.engine_run``'s image prompts).
 
@@ -111,19 +112,31 @@ SPEC_CASES = [(f, m) for f in FAMILIES for m in ("ngram", "mtp")
 
 
 @pytest.mark.parametrize("family_name,method", SPEC_CASES)
+def _cycle_prefix_prompts() -> list[list[int]]:
+    """Two prompts sharing a 530-token prefix that walks the successor cycles (period 5)."""
+    walk = [100 + (i % 5) for i in range(300)] + [7, 9, 11] + [300 + (i % 5) for i in range(227)]
+    return [walk + [21, 22], walk + [102, 103, 104]]
+
+
 def test_speculative_decoding_matches_greedy(family_name, method):
-    """Drafts verified from state + buffer and committed by accept: HF's greedy tokens, with
-    drafts both accepted and rejected."""
+    """Drafts verified from state + buffer and committed by position, with vLLM's default
+    prefix caching: HF's greedy tokens and logprobs, drafts both accepted and rejected, and a
+    prefix-cache hit."""
     sc = {"method": method, "num_speculative_tokens": 3}
     if method == "ngram":
         sc.update(prompt_lookup_max=3, prompt_lookup_min=1)
     path = checkpoint(family_name, successor=True)
-    outs, proc = run_engine(dict(model=path, prompts=SPEC_PROMPTS, max_tokens=SPEC_TOKENS,
-                                 speculative_config=sc, metrics=True, additional_config=KVB))
+    outs, proc = run_engine(dict(model=path, prompts=SPEC_PROMPTS + _cycle_prefix_prompts(),
+                                 max_tokens=SPEC_TOKENS, max_num_seqs=2, max_model_len=1024,
+                                 enable_prefix_caching=True, speculative_config=sc,
+                                 metrics=True, additional_config=KVB))
     m = proc.info["metrics"]
     drafted, accepted = (m["vllm:spec_decode_num_draft_tokens"],
                          m["vllm:spec_decode_num_accepted_tokens"])
+    print(f"{family_name} {method}: drafted {drafted}, accepted {accepted}, prefix cache hits "
+          f"{m.get('vllm:prefix_cache_hits')}")
     assert 0 < accepted < drafted, m
+    assert m.get("vllm:prefix_cache_hits", 0) >= 128, m
     assert all(len(o["token_ids"]) == SPEC_TOKENS for o in outs)
     assert re.search(r"KVBuffer active: chunk_size=4", proc.stdout + proc.stderr)
     HFReference(path).check(outs, what=f"{family_name} {method}")
