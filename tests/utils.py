@@ -100,6 +100,52 @@ def tiny_cyclic_mtp_checkpoint() -> str:
 
 
 # ----------------------------------------------------------------------------------------------
+# HF transformers float32, the reference of the engine tests
+# ----------------------------------------------------------------------------------------------
+
+#: HF's own top-1 margin below which a different engine token is a tie, and the bound on
+#: |engine logprob - HF logprob| of every generated token.
+HF_MARGIN = 1e-3
+HF_LOGPROB_TOL = 1e-4
+
+
+class HFReference:
+    """HF transformers float32, teacher-forced: log-softmax over a whole token sequence."""
+
+    def __init__(self, path: str):
+        import torch
+        import transformers
+
+        arch = json.loads((pathlib.Path(path) / "config.json").read_text())["architectures"][0]
+        self.model = getattr(transformers, arch).from_pretrained(
+            path, dtype=torch.float32).eval()
+
+    def check(self, outputs: list[dict], *, what: str, inputs: list[dict] | None = None
+              ) -> None:
+        """``inputs``: per output, extra keyword inputs of the HF model (images)."""
+        import torch
+
+        for i, o in enumerate(outputs):
+            prompt, gen = o["prompt_token_ids"], o["token_ids"]
+            ids = torch.tensor([prompt + gen])
+            with torch.no_grad():
+                lp = torch.log_softmax(self.model(
+                    input_ids=ids, attention_mask=torch.ones_like(ids),
+                    **(inputs[i] if inputs else {})).logits[0].float(), -1)
+            for t, tok in enumerate(gen):
+                row = lp[len(prompt) + t - 1]
+                margin = float(row.max() - row[tok])
+                assert margin <= HF_MARGIN, (
+                    f"{what}, request {i}, token {t}: engine token {tok}, HF argmax "
+                    f"{int(row.argmax())} by {margin:.3g} logprob (expected <= {HF_MARGIN})")
+                diff = abs(o["logprobs"][t] - float(row[tok]))
+                assert diff <= HF_LOGPROB_TOL, (
+                    f"{what}, request {i}, token {t}: logprob {o['logprobs'][t]} vs HF "
+                    f"{float(row[tok])} (expected |difference| <= {HF_LOGPROB_TOL})")
+
+
+
+# ----------------------------------------------------------------------------------------------
 # One engine per process
 # ----------------------------------------------------------------------------------------------
 

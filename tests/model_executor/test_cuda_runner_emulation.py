@@ -412,3 +412,19 @@ def test_async_scheduling_commits_from_corrected_positions(configs):
     for t, u in zip(pages.kv_cache, twin.kv_cache):
         assert torch.equal(t, u)
 
+
+
+def test_align_with_drafts_needs_a_verify_to_fit_in_a_block(tiny_model):
+    """Prefix caching with drafts: a block must hold a whole verify (1 + D tokens), or the
+    builder stops the worker naming both numbers."""
+    import dataclasses
+
+    ngram = {"method": "ngram", "num_speculative_tokens": NUM_SPEC, "prompt_lookup_max": 3,
+             "prompt_lookup_min": 2}
+    cfg = _engine_config(tiny_model, speculative_config=ngram)
+    assert cfg.cache_config.mamba_cache_mode == "align"
+    spec = _Pages(cfg).spec
+    KVBufferGDNAttentionMetadataBuilder(spec, ["l"], cfg, torch.device("cpu"))
+    small = dataclasses.replace(spec, block_size=NUM_SPEC)
+    with pytest.raises(ValueError, match=rf"block size >= {NUM_SPEC + 1}, got {NUM_SPEC}"):
+        KVBufferGDNAttentionMetadataBuilder(small, ["l"], cfg, torch.device("cpu"))

@@ -18,7 +18,7 @@ import re
 import pytest
 import torch
 
-from tests.utils import PROMPTS, assert_same_greedy, run_engine
+from tests.utils import PROMPTS, HFReference, assert_same_greedy, run_engine
 
 pytestmark = pytest.mark.slow
 
@@ -273,8 +273,9 @@ def test_ngram_drafts_with_an_8_token_budget_match_greedy(tiny_cyclic_mtp_fp32, 
 @pytest.mark.parametrize("method", ["ngram", "mtp"])
 def test_speculative_decoding_matches_greedy(tiny_cyclic_mtp_fp32, greedy_cyclic, method):
     """Drafts verified in parallel from state + buffer, committed by accept (a cursor move):
-    exactly the tokens of non-speculative greedy decoding, with drafts both accepted and
-    rejected, over 320 tokens and many flushes (C = 4)."""
+    exactly the tokens of non-speculative greedy decoding (logprobs within 5e-5), with drafts
+    both accepted and rejected, over 320 tokens and many flushes (C = 4); and HF transformers
+    float32 teacher-forced on the same text (``tests.utils.HFReference`` bounds)."""
     sc = {"method": method, "num_speculative_tokens": 3}
     if method == "ngram":
         sc.update(prompt_lookup_max=3, prompt_lookup_min=1)
@@ -287,6 +288,7 @@ def test_speculative_decoding_matches_greedy(tiny_cyclic_mtp_fp32, greedy_cyclic
     assert 0 < accepted < drafted, mt
     assert all(len(o["token_ids"]) == 320 for o in outs)
     assert_same_greedy(outs, greedy_cyclic[:len(SPEC_PROMPTS)])
+    HFReference(tiny_cyclic_mtp_fp32).check(outs, what=f"qwen3_next {method}")
 
 
 def test_prefix_caching_matches_no_caching(tiny_fp32):

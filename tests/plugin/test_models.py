@@ -20,21 +20,17 @@ engine's own text), or within 1e-3 logprob of it (HF's own margin: a near-tie), 
 within 1e-4 of HF's. Teacher forcing checks every position, also past a near-tie.
 """
 
-import json
-import pathlib
 import re
 
 import pytest
 import torch
 
-from tests.utils import FAMILIES, run_engine
+from tests.utils import FAMILIES, HFReference, run_engine
 from tests.utils import family_checkpoint as checkpoint
 
 pytestmark = pytest.mark.slow
 
 GDN_LAYERS = 3          # the builder's default: 4 layers, every 4th full attention
-MARGIN = 1e-3           # HF's own top-1 margin below which a different token is a tie
-LOGPROB_TOL = 1e-4
 KVB = {"kvbuffer": {"chunk_size": 4}}
 GREEDY_TOKENS = 200
 PREFIX_TOKENS = 16
@@ -47,38 +43,6 @@ def _shared_prefix_prompts() -> list[list[int]]:
     g = torch.Generator().manual_seed(7)
     prefix = torch.randint(10, 1000, (260,), generator=g).tolist()   # > one 256-token block
     return [prefix + [11, 12, 13], prefix + [21, 22]]
-
-
-class HFReference:
-    """HF transformers float32, teacher-forced: log-softmax over a whole token sequence."""
-
-    def __init__(self, path: str):
-        import transformers
-
-        arch = json.loads((pathlib.Path(path) / "config.json").read_text())["architectures"][0]
-        self.model = getattr(transformers, arch).from_pretrained(
-            path, dtype=torch.float32).eval()
-
-    def check(self, outputs: list[dict], *, what: str, inputs: list[dict] | None = None
-              ) -> None:
-        """``inputs``: per output, extra keyword inputs of the HF model (images)."""
-        for i, o in enumerate(outputs):
-            prompt, gen = o["prompt_token_ids"], o["token_ids"]
-            ids = torch.tensor([prompt + gen])
-            with torch.no_grad():
-                lp = torch.log_softmax(self.model(
-                    input_ids=ids, attention_mask=torch.ones_like(ids),
-                    **(inputs[i] if inputs else {})).logits[0].float(), -1)
-            for t, tok in enumerate(gen):
-                row = lp[len(prompt) + t - 1]
-                margin = float(row.max() - row[tok])
-                assert margin <= MARGIN, (
-                    f"{what}, request {i}, token {t}: engine token {tok}, HF argmax "
-                    f"{int(row.argmax())} by {margin:.3g} logprob (expected <= {MARGIN})")
-                diff = abs(o["logprobs"][t] - float(row[tok]))
-                assert diff <= LOGPROB_TOL, (
-                    f"{what}, request {i}, token {t}: logprob {o['logprobs'][t]} vs HF "
-                    f"{float(row[tok])} (expected |difference| <= {LOGPROB_TOL})")
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

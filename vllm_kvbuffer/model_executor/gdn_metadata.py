@@ -10,7 +10,10 @@ vLLM's own Kimi-K3 KDA layer does: the builder is vLLM's, and its result gains
 ``isinstance``-checks vLLM's builder (the accepted-token and draft-count arguments) still applies.
 
 Under FULL CUDA graphs the captured step reads these through persistent buffers that ``build``
-refills before every replay, as vLLM's builder does for its own fields.
+refills before every replay, as vLLM's builder does for its own fields. The boundary blocks are
+per KV-cache group; vLLM reuses one group's metadata for another (``update_block_table``) only
+for its own builder class (``supports_update_block_table`` checks the exact type), so every GDN
+group builds its own.
 """
 
 from __future__ import annotations
