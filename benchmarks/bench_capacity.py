@@ -67,12 +67,14 @@ GIB = 1 << 30
 #: Qwen3-Next's GDN heads and 3:1 layer mix (6 GDN + 2 full attention), a small rest; the
 #: successor variant of the checkpoint builder (greedy text mostly walks cycles of 5 token ids),
 #: so that the ngram drafts of the cycle-walking prompts below are accepted, and rejected where
-#: the layers push the text off its cycle.
+#: the layers push the text off its cycle. These GDN heads move the residual stream far more than
+#: the tests' tiny ones: HF fp32 greedy from three cycle-walking prompts follows the cycle in
+#: 88 of 90 steps at layer_scale 0.5, 10 of 90 at 1.0.
 MODEL = dict(num_layers=8, full_attention_interval=4, hidden_size=256,
              linear_num_key_heads=16, linear_num_value_heads=32, linear_key_head_dim=128,
              linear_value_head_dim=128, num_attention_heads=4, num_key_value_heads=2,
              head_dim=64, num_experts=2, dtype="bfloat16", successor_period=5,
-             layer_scale=2.75)
+             layer_scale=0.5)
 #: --smoke: the same mix, tiny GDN heads (3 GDN + 1 full attention).
 SMOKE_MODEL = dict(MODEL, num_layers=4, linear_num_key_heads=2, linear_num_value_heads=4,
                    linear_key_head_dim=64, linear_value_head_dim=64)
@@ -483,7 +485,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-words", type=int, default=24)
     ap.add_argument("--measure-s", type=float, default=240,
                     help="longest time per configuration with requests in flight")
-    ap.add_argument("--hold-steps", type=int, default=4)
+    ap.add_argument("--hold-steps", type=int, default=24,
+                    help="engine steps the peak must hold (decode steps with drafts among them)")
     ap.add_argument("--poll-s", type=float, default=0.2)
     ap.add_argument("--start-timeout", type=float, default=600)
     ap.add_argument("--order", choices=("stock-first", "kvbuffer-first"), default="stock-first")
