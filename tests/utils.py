@@ -261,6 +261,19 @@ def run_engine(spec: dict, *, env: dict | None = None, expect_ok: bool = True,
     return result["outputs"], proc
 
 
+def assert_drafts_accepted(proc, what: str) -> tuple[float, float]:
+    """The drafted and accepted draft tokens of an engine run (vLLM's metrics), printed with its
+    prefix-cache hits. A speculative run in which no draft, or every draft, was accepted tested
+    one side of the commit only: it fails."""
+    m = proc.info["metrics"]
+    drafted = m["vllm:spec_decode_num_draft_tokens"]
+    accepted = m["vllm:spec_decode_num_accepted_tokens"]
+    print(f"{what}: drafted {drafted}, accepted {accepted}, prefix cache hits "
+          f"{m.get('vllm:prefix_cache_hits')}")
+    assert 0 < accepted < drafted, (what, m)
+    return drafted, accepted
+
+
 def assert_same_greedy(got: list[dict], ref: list[dict], *, logprob_tol: float | None = 5e-5,
                        prefix: bool = False) -> None:
     """Per request: the same prompt and generated tokens as ``ref`` (with ``prefix``: the first
