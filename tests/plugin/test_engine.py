@@ -212,6 +212,19 @@ SPEC_PROMPTS = ["a b c d a b c d a b c d a b",
                 "Hello world, the quick brown fox. Hello world, the quick"]
 
 
+def _cycle_walk(start: int, n: int, period: int = 5) -> list[int]:
+    """Token ids that walk the cyclic checkpoint's successor cycles (its drafts get accepted)."""
+    base = (start // period) * period
+    return [base + (start - base + i) % period for i in range(n)]
+
+
+def _prefix_spec_prompts() -> list[list[int]]:
+    """A (500 tokens, cycle-walking: its verifies cross the block boundary at 512) and A2 (A's
+    first 460 tokens and a new tail): the prefix-caching test with drafts."""
+    prompt_a = _cycle_walk(100, 203) + [7, 9, 11] + _cycle_walk(300, 294)
+    return [prompt_a, prompt_a[:460] + [21, 22]]
+
+
 def _chunked_prefill_prompts():
     import random
 
@@ -223,11 +236,13 @@ def _chunked_prefill_prompts():
 def greedy_cyclic(tiny_cyclic_mtp_fp32):
     """Non-speculative greedy tokens on the cyclic checkpoint (C = 4), one engine for every
     speculative test of this module: ``SPEC_PROMPTS`` (320 tokens each), the 8 prompts of the
-    chunked-prefill test (60 tokens each), then the 6 of the preemption test (120 tokens each)."""
+    chunked-prefill test (60 tokens each), the 6 of the preemption test (120 tokens each), then
+    the 2 of the prefix-caching test with drafts (60 tokens each)."""
     outs, _ = run_engine(dict(model=tiny_cyclic_mtp_fp32,
                               prompts=SPEC_PROMPTS + _chunked_prefill_prompts()
-                              + _preemption_prompts(200),
-                              max_tokens=[320] * len(SPEC_PROMPTS) + [60] * 8 + [120] * 6,
+                              + _preemption_prompts(200) + _prefix_spec_prompts(),
+                              max_tokens=[320] * len(SPEC_PROMPTS) + [60] * 8 + [120] * 6
+                              + [60] * 2,
                               max_num_seqs=8, additional_config={"kvbuffer": {"chunk_size": 4}}))
     return outs
 
@@ -350,7 +365,7 @@ def test_preemption_with_speculative_decoding_matches_greedy(tiny_cyclic_mtp_fp3
                                   additional_config={"kvbuffer": {"chunk_size": 4}},
                                   speculative_config={"method": "mtp",
                                                       "num_speculative_tokens": 3}))
-    greedy = greedy_cyclic[len(SPEC_PROMPTS) + 8:]
+    greedy = greedy_cyclic[len(SPEC_PROMPTS) + 8:len(SPEC_PROMPTS) + 14]
     m = proc.info["metrics"]
     assert m["vllm:num_preemptions"] >= 1, m
     assert_drafts_accepted(proc, "mtp, preemption")
@@ -358,33 +373,26 @@ def test_preemption_with_speculative_decoding_matches_greedy(tiny_cyclic_mtp_fp3
     assert [a["token_ids"] for a in tight] == [b["token_ids"] for b in greedy]
 
 
-def _cycle_walk(start: int, n: int, period: int = 5) -> list[int]:
-    """Token ids that walk the cyclic checkpoint's successor cycles (its drafts get accepted)."""
-    base = (start // period) * period
-    return [base + (start - base + i) % period for i in range(n)]
-
-
-def test_prefix_caching_with_speculative_decoding(tiny_cyclic_mtp_fp32):
+def test_prefix_caching_with_speculative_decoding(tiny_cyclic_mtp_fp32, greedy_cyclic):
     """vLLM's default prefix caching ("align" mode) together with MTP drafts. Served one after
     another: A (a 500-token prompt; its verifies cross the block boundary at 512 and write that
     block) and A2 (A's first 460 prompt tokens and a new tail: a prefix hit). Each gets exactly
-    the tokens and logprobs of an engine without caching and without drafts; drafts both
+    the tokens and logprobs of the engine without caching and without drafts; drafts both
     accepted and rejected; the hit counted from vLLM's metrics. Prefill chunks of one block
     (128 tokens), so that every prompt boundary holds a state: vLLM's hit stops one block short
     of the longest match in align mode, and with MTP one more. (vLLM 0.32 gives hits on prompt
     blocks here; a request whose prompt holds another's generated tokens hits that request's
     prompt blocks only, so a boundary block written by a verify is read back in
     tests/model_executor/test_gdn_core.py.)"""
-    prompt_a = _cycle_walk(100, 203) + [7, 9, 11] + _cycle_walk(300, 294)
-    assert len(prompt_a) < 512 < len(prompt_a) + 60
-    base = dict(model=tiny_cyclic_mtp_fp32, prompts=[prompt_a, prompt_a[:460] + [21, 22]],
-                max_tokens=60, max_num_seqs=1, max_model_len=1024, max_num_batched_tokens=128,
-                additional_config={"kvbuffer": {"chunk_size": 4}})
-    cached, proc = run_engine(dict(base, enable_prefix_caching=True, metrics=True,
+    prompts = _prefix_spec_prompts()
+    assert len(prompts[0]) < 512 < len(prompts[0]) + 60
+    cached, proc = run_engine(dict(model=tiny_cyclic_mtp_fp32, prompts=prompts, max_tokens=60,
+                                   max_num_seqs=1, max_model_len=1024, max_num_batched_tokens=128,
+                                   additional_config={"kvbuffer": {"chunk_size": 4}},
+                                   enable_prefix_caching=True, metrics=True,
                                    speculative_config={"method": "mtp",
                                                        "num_speculative_tokens": 3}))
-    plain, _ = run_engine(base)
-    m = proc.info["metrics"]
     assert_drafts_accepted(proc, "mtp, prefix caching")
+    m = proc.info["metrics"]
     assert m["vllm:prefix_cache_hits"] >= 128, m      # A2: 384 matched, less two blocks
-    assert_same_greedy(cached, plain)
+    assert_same_greedy(cached, greedy_cyclic[-2:])

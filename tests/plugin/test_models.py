@@ -94,14 +94,15 @@ def test_speculative_decoding_matches_greedy(family_name, method):
         sc.update(prompt_lookup_max=3, prompt_lookup_min=1)
     path = checkpoint(family_name, successor=True)
     outs, proc = run_engine(dict(model=path, prompts=SPEC_PROMPTS + _cycle_prefix_prompts(),
-                                 max_tokens=SPEC_TOKENS, max_num_seqs=1, max_model_len=1024,
+                                 max_tokens=[SPEC_TOKENS] * len(SPEC_PROMPTS) + [16, 16],
+                                 max_num_seqs=1, max_model_len=1024,
                                  max_num_batched_tokens=256, enable_prefix_caching=True,
                                  speculative_config=sc,
                                  metrics=True, additional_config=KVB))
     m = proc.info["metrics"]
     assert_drafts_accepted(proc, f"{family_name} {method}")
     assert m.get("vllm:prefix_cache_hits", 0) >= 128, m
-    assert all(len(o["token_ids"]) == SPEC_TOKENS for o in outs)
+    assert [len(o["token_ids"]) for o in outs] == [SPEC_TOKENS] * len(SPEC_PROMPTS) + [16, 16]
     assert re.search(r"KVBuffer active: chunk_size=4", proc.stdout + proc.stderr)
     HFReference(path).check(outs, what=f"{family_name} {method}")
 
