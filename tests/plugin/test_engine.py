@@ -270,7 +270,8 @@ def test_ngram_drafts_with_an_8_token_budget_match_greedy(tiny_cyclic_mtp_fp32, 
     step) for 8 requests under an 8-token batch budget: most steps run two or three requests and
     the others sit out while holding tentative tokens, prompts are prefilled in chunks beside
     verifies, and drafts are trimmed to the budget. Every commit comes from positions; tokens and
-    logprobs equal non-speculative greedy decoding."""
+    logprobs equal non-speculative greedy decoding, and HF transformers float32 teacher-forced
+    on the same text (``tests.utils.HFReference`` bounds)."""
     greedy = greedy_cyclic[len(SPEC_PROMPTS):len(SPEC_PROMPTS) + 8]
     outs, proc = run_engine(dict(model=tiny_cyclic_mtp_fp32, prompts=_chunked_prefill_prompts(),
                                  max_tokens=60, max_num_seqs=8, max_num_batched_tokens=8,
@@ -282,24 +283,24 @@ def test_ngram_drafts_with_an_8_token_budget_match_greedy(tiny_cyclic_mtp_fp32, 
                             env={"VLLM_KVBUFFER_VALUE_CHECKS": "1"})
     assert_drafts_accepted(proc, "ngram, 8-token budget")
     assert_same_greedy(outs, greedy)
+    HFReference(tiny_cyclic_mtp_fp32).check(outs, what="qwen3_next ngram")
 
 
-@pytest.mark.parametrize("method", ["ngram", "mtp"])
-def test_speculative_decoding_matches_greedy(tiny_cyclic_mtp_fp32, greedy_cyclic, method):
-    """Drafts verified in parallel from state + buffer, committed by accept (a cursor move):
-    exactly the tokens of non-speculative greedy decoding (logprobs within 5e-5), with drafts
-    both accepted and rejected, over 320 tokens and many flushes (C = 4); and HF transformers
-    float32 teacher-forced on the same text (``tests.utils.HFReference`` bounds)."""
-    sc = {"method": method, "num_speculative_tokens": 3}
-    if method == "ngram":
-        sc.update(prompt_lookup_max=3, prompt_lookup_min=1)
+def test_mtp_drafts_match_greedy(tiny_cyclic_mtp_fp32, greedy_cyclic):
+    """MTP drafts verified in parallel from state + buffer, committed by position (a cursor
+    move): exactly the tokens of non-speculative greedy decoding (logprobs within 5e-5), with
+    drafts both accepted and rejected, over 320 tokens and many flushes (C = 4); and HF
+    transformers float32 teacher-forced on the same text (``tests.utils.HFReference`` bounds).
+    n-gram drafts: the 8-token-budget test above."""
     outs, proc = run_engine(dict(model=tiny_cyclic_mtp_fp32, prompts=SPEC_PROMPTS,
-                                 max_tokens=320, speculative_config=sc, metrics=True,
+                                 max_tokens=320, metrics=True,
+                                 speculative_config={"method": "mtp",
+                                                     "num_speculative_tokens": 3},
                                  additional_config={"kvbuffer": {"chunk_size": 4}}))
-    assert_drafts_accepted(proc, method)
+    assert_drafts_accepted(proc, "mtp")
     assert all(len(o["token_ids"]) == 320 for o in outs)
     assert_same_greedy(outs, greedy_cyclic[:len(SPEC_PROMPTS)])
-    HFReference(tiny_cyclic_mtp_fp32).check(outs, what=f"qwen3_next {method}")
+    HFReference(tiny_cyclic_mtp_fp32).check(outs, what="qwen3_next mtp")
 
 
 def test_prefix_caching_matches_no_caching(tiny_fp32):

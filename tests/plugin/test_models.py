@@ -80,8 +80,10 @@ def _cycle_prefix_prompts() -> list[list[int]]:
     return [walk + [21, 22], walk + [102, 103, 104]]
 
 
+# Qwen3.5 MoE's GDN layers are Qwen3.5's: its n-gram run would repeat Qwen3.5's.
 SPEC_CASES = [(f, m) for f in FAMILIES for m in ("ngram", "mtp")
-              if m == "ngram" or FAMILIES[f][0].get("mtp")]
+              if (m == "ngram" and f != "qwen3_5_moe")
+              or (m == "mtp" and FAMILIES[f][0].get("mtp"))]
 
 
 @pytest.mark.parametrize("family_name,method", SPEC_CASES)
