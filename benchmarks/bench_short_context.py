@@ -2,7 +2,7 @@
 
 A request whose buffer has never reached the flush interval has no state: KVBuffer decodes it from
 its L buffered tokens alone and never reads or writes ``HV K V`` state bytes
-(``shared/design/kvbuffer-math.md`` 2(d)). The recurrent kernel reads and writes the full state
+(``docs/kvbuffer-math.md`` 2(d)). The recurrent kernel reads and writes the full state
 at any context length. For batch N and buffered length L (chunk size C = 64 so L < 64 never
 flushes) this times one decode step of
 - ``kvbuffer``: ``vllm_kvbuffer.kernels.decode`` on slots with L tokens and no state; each timed

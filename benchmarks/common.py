@@ -1,6 +1,6 @@
 """Shared pieces of the benchmarks: byte models, timing, environment record, JSON and plots.
 
-Byte models (``shared/design/kvbuffer-math.md`` section 3), per decode step, all sequences of one
+Byte models (``docs/kvbuffer-math.md`` section 4), per decode step, all sequences of one
 GDN layer, minimum DRAM traffic (each byte the algorithm must touch, counted once):
 
 - ``s  = HV * K * V * state_bytes``                 one request's state
@@ -203,7 +203,7 @@ def header(name: str, device: str, smoke: bool, preset: dict) -> dict:
     return {"benchmark": name, "card": card_name(device), "device": device, "smoke": smoke,
             "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "versions": versions(), "copy_bandwidth_Bps": copy_bandwidth(device),
-            "preset": preset, "byte_model": "benchmarks/common.py (shared/design/kvbuffer-math.md"
+            "preset": preset, "byte_model": "benchmarks/common.py (docs/kvbuffer-math.md"
             f" section 3; row = {ROW_BYTES_FORMULA})", "rows": []}
 
 

@@ -1,7 +1,7 @@
 """Native CPU kernels for KVBuffer (backend ``"cpu"``): a torch C++ extension.
 
 The kernels are ``csrc/cpu_kernels.cpp`` (the layout of the work and the formulas are described
-there and in ``shared/design/kvbuffer-math.md``); this module compiles them on first use and calls
+there and in ``docs/kvbuffer-math.md``); this module compiles them on first use and calls
 them. Same semantics and in-place pool updates as :mod:`.torch_impl` (the exact reference); inputs
 were validated by :mod:`vllm_kvbuffer.kernels.api`.
 

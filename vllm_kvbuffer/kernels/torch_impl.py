@@ -1,7 +1,7 @@
 """Exact PyTorch implementation of KVBuffer (backend ``"torch"``).
 
 Readable, batched and exact in float64; it is the specification the Triton kernels are tested
-against and the path the vLLM layer takes on the CPU. Formulas: ``shared/design/kvbuffer-math.md``.
+against and the path the vLLM layer takes on the CPU. Formulas: ``docs/kvbuffer-math.md``.
 Inputs were validated by :mod:`vllm_kvbuffer.kernels.api`; these functions trust them.
 
 Unwritten or stale memory may hold anything (NaN in fresh pools): every read of buffer rows past a

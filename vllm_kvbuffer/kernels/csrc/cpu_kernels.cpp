@@ -2,7 +2,7 @@
 // on first use (torch.utils.cpp_extension) and caches.
 //
 // Same semantics and in-place pool updates as torch_impl.py (the exact reference); the Python
-// side has validated every argument. Formulas: shared/design/kvbuffer-math.md.
+// side has validated every argument. Formulas: docs/kvbuffer-math.md.
 //
 // Layout of the work: one parallel loop over (sequence, key head) tasks on torch's intra-op
 // thread pool (at::parallel_for, the OpenMP pool vLLM's CPU worker sizes and binds to its cores).
