@@ -1,6 +1,6 @@
 """Public KVBuffer operations: validation, then dispatch to a backend.
 
-Semantics (``docs/kvbuffer-math.md`` in the repository): q and k are the raw post-conv1d projections,
+Semantics (``docs/kvbuffer-math.md``): q and k are the raw post-conv1d projections,
 L2-normalised inside when ``use_qk_l2norm``; ``scale`` defaults to ``head_k_dim ** -0.5``; ``g`` is
 the log-space decay (<= 0) and ``beta`` the write strength in (0, ``cache.beta_max``] (1 for a
 sigmoid gate, 2 for layers that allow negative eigenvalues); value head h reads key head
