@@ -111,24 +111,28 @@ def test_spec_rows_uniform_replay_equals_eager():
     twin, twin_conv = _twin(cache, conv)
     T = D + 1
     blocks = torch.zeros(N, dtype=torch.int64, device="cuda")
-    acc = torch.ones(N, dtype=torch.int32, device="cuda")
+    # Each row's computed-token count, as vLLM's metadata refills it before every replay.
+    ctx = torch.full((N,), 10, dtype=torch.int32, device="cuda")
     x = torch.zeros(N * T, DC, dtype=torch.bfloat16, device="cuda")
     b = torch.zeros(N * T, HV, dtype=torch.bfloat16, device="cuda")
     a = torch.zeros(N * T, HV, dtype=torch.bfloat16, device="cuda")
     graph, out = _capture(
-        lambda: gdn_core.spec_rows_uniform(cache, conv, p, blocks, acc, x, b, a, T))
+        lambda: gdn_core.spec_rows_uniform(cache, conv, p, blocks, gdn_core.RowPositions(ctx),
+                                           x, b, a, T))
     _assert_same(_pool(cache, conv), _pool(twin, twin_conv), "capture on padding rows")
     # The same requests every step (a verify leaves them pending for the next step's accept).
     n_real = N - 3
     blocks[:n_real] = (torch.randperm(S - 1, generator=gen)[:n_real] + 1).to("cuda")
     for step in range(2 * C):
-        acc.copy_(torch.randint(1, T + 1, (N,), generator=gen, dtype=torch.int32).to("cuda"))
+        # The sampler accepted 1..T tokens of each row's last verify: the count moves by that.
+        ctx.add_(torch.randint(1, T + 1, (N,), generator=gen, dtype=torch.int32).to("cuda"))
         x.copy_(torch.randn(N * T, DC, generator=gen).to("cuda", torch.bfloat16))
         b.copy_(torch.randn(N * T, HV, generator=gen).to("cuda", torch.bfloat16))
         a.copy_(torch.randn(N * T, HV, generator=gen).to("cuda", torch.bfloat16))
         graph.replay()
-        want = gdn_core.spec_rows_uniform(twin, twin_conv, p, blocks.clone(), acc.clone(),
-                                          x.clone(), b.clone(), a.clone(), T)
+        want = gdn_core.spec_rows_uniform(twin, twin_conv, p, blocks.clone(),
+                                          gdn_core.RowPositions(ctx.clone()), x.clone(),
+                                          b.clone(), a.clone(), T)
         torch.cuda.synchronize()
         assert torch.equal(out, want), f"step {step}: outputs differ"
         _assert_same(_pool(cache, conv), _pool(twin, twin_conv), f"step {step}")
